@@ -1,0 +1,219 @@
+"""Reading GGUF files: metadata to config, tensors to the model's (Hugging Face) names.
+
+The file is memory-mapped by ``gguf.GGUFReader``; tensors are dequantized one at a
+time as the model asks for them. The header is checked before the reader maps
+anything so that a truncated or hostile file is refused cheaply.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nomoat.config import SUPPORTED_ARCHITECTURES, LlamaConfig
+from nomoat.errors import NomoatError
+
+GGUF_MAGIC = b"GGUF"
+MAX_COUNT = 1 << 20  # more tensors or metadata keys than this is not a model file
+
+# Types whose blocks `gguf.quants.dequantize` understands and we accept.
+FLOAT_TYPES = {"F32", "F16", "BF16"}
+QUANT_TYPES = {"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K"}
+
+_LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.weight$")
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    if name in _TOP_NAMES:
+        return _TOP_NAMES[name]
+    m = _LAYER.match(name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
+    return None
+
+
+def hf_to_gguf_name(name: str) -> str | None:
+    for g, h in _TOP_NAMES.items():
+        if name == h:
+            return g
+    m = re.match(r"model\.layers\.(\d+)\.(.+)\.weight$", name)
+    if m:
+        for g, h in _LAYER_NAMES.items():
+            if h == m.group(2):
+                return f"blk.{m.group(1)}.{g}.weight"
+    return None
+
+
+def qk_row_order(rows: int, n_head: int) -> torch.Tensor:
+    """Row indices that undo llama.cpp's q/k permutation: hf = gguf[order].
+
+    llama.cpp's converter interleaves the two rotary halves of every head
+    (GPT-J style); Hugging Face keeps them split (rotate_half).
+    """
+    idx = torch.arange(rows)
+    return idx.reshape(n_head, rows // n_head // 2, 2).transpose(1, 2).reshape(rows)
+
+
+def qk_permute_rows(rows: int, n_head: int) -> torch.Tensor:
+    """Row indices that apply llama.cpp's q/k permutation: gguf = hf[order]."""
+    idx = torch.arange(rows)
+    return idx.reshape(n_head, 2, rows // n_head // 2).transpose(1, 2).reshape(rows)
+
+
+def check_header(path: Path) -> None:
+    """Refuse non-GGUF or absurd headers before anything is mapped or allocated."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError as e:
+        raise NomoatError(f"{path}: cannot read ({e.strerror})") from None
+    if len(head) < 24 or head[:4] != GGUF_MAGIC:
+        raise NomoatError(f"{path}: not a GGUF file (bad magic)")
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+    if version not in (2, 3):
+        raise NomoatError(f"{path}: unsupported GGUF version {version}")
+    if n_tensors > MAX_COUNT or n_kv > MAX_COUNT or n_tensors * 24 + n_kv * 9 > size:
+        raise NomoatError(f"{path}: GGUF header declares {n_tensors} tensors and {n_kv} keys: "
+                          "truncated or corrupt file")
+
+
+class GGUFModelFile:
+    """A LLaMA-family GGUF file, memory-mapped."""
+
+    def __init__(self, path: str | Path) -> None:
+        import gguf
+
+        self.path = Path(path)
+        check_header(self.path)
+        try:
+            self.reader = gguf.GGUFReader(self.path, "r")
+        except Exception as e:  # the reader raises bare ValueErrors/IndexErrors on bad files
+            raise NomoatError(f"{self.path}: corrupt or truncated GGUF ({e})") from None
+        self.fields = self.reader.fields
+        self.arch = self.get("general.architecture", "llama")
+        if self.arch not in SUPPORTED_ARCHITECTURES:
+            raise NomoatError(f"{self.path}: architecture {self.arch!r} is not supported "
+                              f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        file_size = self.path.stat().st_size
+        self.tensors = {}
+        for t in self.reader.tensors:
+            qtype = t.tensor_type.name
+            if qtype not in FLOAT_TYPES | QUANT_TYPES:
+                raise NomoatError(f"{self.path}: tensor {t.name} has unsupported type {qtype}")
+            if t.data_offset + t.n_bytes > file_size:
+                raise NomoatError(f"{self.path}: tensor {t.name} runs past the end of the file (truncated)")
+            self.tensors[t.name] = t
+
+    def get(self, key: str, default: Any = None) -> Any:
+        f = self.fields.get(key)
+        if f is None:
+            return default
+        try:
+            return f.contents()
+        except Exception:
+            raise NomoatError(f"{self.path}: metadata field {key} is malformed") from None
+
+    def _arch(self, key: str, default: Any = None) -> Any:
+        return self.get(f"{self.arch}.{key}", default)
+
+    def config(self) -> LlamaConfig:
+        need = {k: self._arch(k) for k in ("block_count", "embedding_length", "feed_forward_length",
+                                           "attention.head_count")}
+        for k, v in need.items():
+            if v is None:
+                raise NomoatError(f"{self.path}: metadata field {self.arch}.{k} is missing")
+        n_head = int(need["attention.head_count"])
+        hidden = int(need["embedding_length"])
+        vocab = self._arch("vocab_size") or len(self.fields["tokenizer.ggml.tokens"].data)
+        rope_scaling = None
+        if self._arch("rope.scaling.type") == "linear":
+            rope_scaling = {"rope_type": "linear", "factor": float(self._arch("rope.scaling.factor"))}
+        cfg = LlamaConfig(
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(need["feed_forward_length"]),
+            num_hidden_layers=int(need["block_count"]),
+            num_attention_heads=n_head,
+            num_key_value_heads=int(self._arch("attention.head_count_kv", n_head)),
+            head_dim=int(self._arch("attention.key_length", 0) or self._arch("rope.dimension_count", 0)
+                         or hidden // n_head),
+            rms_norm_eps=float(self._arch("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(self._arch("rope.freq_base", 10000.0)),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(self._arch("context_length", 2048)),
+            tie_word_embeddings="output.weight" not in self.tensors,
+            bos_token_id=self.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=self.get("tokenizer.ggml.eos_token_id"),
+            name=str(self.get("general.name", self.path.stem)),
+        )
+        if "rope_freqs.weight" in self.tensors:  # llama3-style scaling stored as per-frequency divisors
+            cfg.extra["rope_freq_factors"] = self.raw_float("rope_freqs.weight").tolist()
+        return cfg
+
+    def raw_float(self, gguf_name: str) -> torch.Tensor:
+        import gguf
+
+        t = self.tensors[gguf_name]
+        data = t.data
+        if t.tensor_type.name in FLOAT_TYPES:
+            arr = gguf.quants.dequantize(data, t.tensor_type) if t.tensor_type.name == "BF16" else data
+            arr = np.array(arr, dtype=np.float32)  # a private copy: the map is read-only
+        else:
+            arr = gguf.quants.dequantize(data, t.tensor_type)
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+        return torch.from_numpy(np.ascontiguousarray(arr).reshape(shape))
+
+    def hf_names(self) -> dict[str, str]:
+        """HF name -> GGUF name for every weight the model uses."""
+        out = {}
+        for name in self.tensors:
+            hf = gguf_to_hf_name(name)
+            if hf is not None:
+                out[hf] = name
+        return out
+
+    def row_order(self, hf_name: str, cfg: LlamaConfig) -> torch.Tensor | None:
+        """The q/k un-permutation for this tensor, or None."""
+        if hf_name.endswith("self_attn.q_proj.weight"):
+            return qk_row_order(cfg.num_attention_heads * cfg.head_dim, cfg.num_attention_heads)
+        if hf_name.endswith("self_attn.k_proj.weight"):
+            return qk_row_order(cfg.num_key_value_heads * cfg.head_dim, cfg.num_key_value_heads)
+        return None
+
+    def load_float(self, hf_name: str, cfg: LlamaConfig) -> torch.Tensor:
+        w = self.raw_float(self.hf_names()[hf_name])
+        order = self.row_order(hf_name, cfg)
+        return w[order].contiguous() if order is not None else w
+
+    def qtype(self, hf_name: str) -> str:
+        return self.tensors[self.hf_names()[hf_name]].tensor_type.name
+
+    def tokenizer_metadata(self) -> dict[str, Any]:
+        keys = ("model", "pre", "tokens", "token_type", "merges", "scores", "bos_token_id", "eos_token_id",
+                "eot_token_id", "eom_token_id", "unknown_token_id", "padding_token_id", "add_bos_token",
+                "add_eos_token", "add_space_prefix")
+        meta = {k: self.get(f"tokenizer.ggml.{k}") for k in keys}
+        meta["chat_template"] = self.get("tokenizer.chat_template")
+        return meta

@@ -1,0 +1,350 @@
+"""Weight-only quantized linear layers for CPU: int4 group-wise and int8 per-channel.
+
+Both layers run torch's weight-only kernels with bf16 activations, the only fast path on this kind
+of CPU (``_weight_int4pack_mm_for_cpu`` is ~25x and ``_weight_int8pack_mm`` ~15x slower with fp32
+activations; fp16 is slower still). The kernels demand scales of the activation dtype, so scales
+and zeros are stored in bf16 (8 significant bits). Measured on torch 2.13: both kernels dequantize
+the weight in fp32 from those bf16 scales, accumulate in fp32 and round the output to bf16, so
+``dequantize()`` returns exactly the fp32 weight the kernel multiplies by.
+
+Layers are frozen (no parameters). Gradients flow to the input: the backward pass rebuilds the
+weight a few columns at a time from the packed codes, never holding a float copy of the whole matrix.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from nomoat.errors import NomoatError
+
+__all__ = ["Int4Linear", "Int8Linear", "q4_blocks_to_codes", "quantize_linears"]
+
+_BF16 = torch.bfloat16
+# (header bytes, bytes per 32-element block): fp16 d [+ fp16 m] then 16 bytes of nibbles.
+_Q4_BLOCKS = {"Q4_0": (2, 18), "Q4_1": (4, 20)}
+_GROUP_SIZES = (32, 64, 128)
+# Rebuild at most this many weight elements at once in backward (8 MiB of bf16).
+_CHUNK_ELEMS = 1 << 22
+
+
+def q4_blocks_to_codes(raw: np.ndarray, qtype: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Split GGUF Q4_0/Q4_1 blocks into (codes uint8 0..15, scale f32, offset f32), one scale per 32.
+
+    ``codes * scale + offset`` (group-wise, in fp32) equals ``gguf.quants.dequantize``: the product
+    of an fp16 scale and a 4-bit code is exact in fp32, so only the add rounds, as in gguf.
+    """
+    if qtype not in _Q4_BLOCKS:
+        raise NomoatError(f"q4_blocks_to_codes: unsupported quant type {qtype!r} (expected Q4_0 or Q4_1)")
+    header, block_bytes = _Q4_BLOCKS[qtype]
+    if raw.ndim != 2 or raw.dtype != np.uint8 or raw.shape[1] % block_bytes:
+        raise NomoatError(
+            f"q4_blocks_to_codes: expected a uint8 (rows, k*{block_bytes}) array of {qtype} blocks, "
+            f"got {raw.dtype} {tuple(raw.shape)}"
+        )
+    rows, n_blocks = raw.shape[0], raw.shape[1] // block_bytes
+    blocks = raw.reshape(rows, n_blocks, block_bytes)
+    halves = np.ascontiguousarray(blocks[..., :header]).view(np.float16).astype(np.float32)
+    qs = blocks[..., header:]
+    # GGUF nibble order: byte j holds element j (low nibble) and element j + 16 (high nibble).
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, n_blocks * 32)
+    scale = halves[..., 0]
+    offset = halves[..., 1] if qtype == "Q4_1" else -8.0 * scale  # Q4_0: d * (q - 8)
+    return torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(np.ascontiguousarray(offset))
+
+
+@functools.cache
+def _int4_layout() -> tuple[int, bool]:
+    """How torch packs int4 weights on this CPU: (rows per block, split halves vs adjacent pairs).
+
+    The packed layout depends on the CPU capability torch dispatches to (AVX512 puts rows j and j+32
+    of each 64-row block in one byte, AVX2 rows j and j+16 of 32, others adjacent rows), so find it by
+    packing a probe rather than trusting the capability string.
+    """
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (80, 64), generator=gen, dtype=torch.int32)  # full blocks + a tail
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    for layout in ((64, True), (32, True), (64, False), (32, False), (16, False)):
+        if torch.equal(_unpack_int4(packed, 80, 64, 0, 64, layout), codes.to(torch.uint8)):
+            return layout
+    raise NomoatError(
+        f"int4: unrecognised torch int4 weight packing on CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()} (torch {torch.__version__}); use q8 instead"
+    )
+
+
+def _unpack_int4(packed: Tensor, n: int, k: int, k0: int, k1: int, layout: tuple[int, bool]) -> Tensor:
+    """Codes (n, k1-k0) uint8 for input columns k0..k1 of a weight packed by torch for CPU."""
+    block, split = layout
+    flat = packed.reshape(-1)
+    n_full = n // block * block
+    kc = k1 - k0
+    parts = []
+    if n_full:
+        b = flat[: n_full * k // 2].view(n_full // block, k, block // 2)[:, k0:k1]
+        if split:  # low nibble = row j, high nibble = row j + block/2
+            rows = torch.cat([b & 0x0F, b >> 4], dim=-1)
+        else:  # low nibble = row 2j, high nibble = row 2j + 1
+            rows = torch.stack([b & 0x0F, b >> 4], dim=-1).reshape(n_full // block, kc, block)
+        parts.append(rows.permute(0, 2, 1).reshape(n_full, kc))
+    if n > n_full:  # tail blocks of 16/32/48 rows always use adjacent pairs
+        t = flat[n_full * k // 2 :].view(k, (n - n_full) // 2)[k0:k1]
+        parts.append(torch.stack([t & 0x0F, t >> 4], dim=-1).reshape(kc, n - n_full).t())
+    return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+
+
+def _column_chunks(n_rows: int, n_cols: int, align: int) -> list[tuple[int, int]]:
+    """Column ranges (multiples of ``align``) small enough to rebuild n_rows x range weights at once."""
+    step = max(align, _CHUNK_ELEMS // max(n_rows, 1) // align * align)
+    return [(k0, min(n_cols, k0 + step)) for k0 in range(0, n_cols, step)]
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """y = x @ W.T through a quantized layer's kernel; backward gives grad_x only (W is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: _QuantLinear) -> Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        return layer._matmul(x)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None]:  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return ctx.layer._grad_input(grad_out), None
+
+
+class _QuantLinear(nn.Module):
+    """Shared forward: flatten, cast to bf16, run the kernel, cast back, add bias."""
+
+    in_features: int
+    out_features: int
+    bias: Tensor | None
+
+    def _matmul(self, x: Tensor) -> Tensor:  # (M, in) bf16 contiguous -> (M, out) bf16
+        raise NotImplementedError
+
+    def _grad_input(self, grad_out: Tensor) -> Tensor:  # (M, out) -> (M, in) bf16
+        raise NotImplementedError
+
+    def dequantize(self) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not x.is_floating_point() or x.shape[-1] != self.in_features:
+            raise NomoatError(
+                f"{type(self).__name__}: expected a float input with last dim {self.in_features}, "
+                f"got {x.dtype} {tuple(x.shape)}"
+            )
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(_BF16).contiguous()
+        if torch.is_grad_enabled() and x2.requires_grad:
+            y = _QuantMatmul.apply(x2, self)
+        else:
+            y = self._matmul(x2)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def _set_bias(self, bias: Tensor | None) -> None:
+        if bias is not None:
+            if bias.shape != (self.out_features,):
+                raise NomoatError(
+                    f"{type(self).__name__}: bias shape {tuple(bias.shape)} != ({self.out_features},)"
+                )
+            self.bias = bias.detach().to(torch.float32).clone()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"weight={self.weight_dtype_name}, bias={self.bias is not None}"
+        )
+
+    @property
+    def weight_dtype_name(self) -> str:
+        raise NotImplementedError
+
+
+class Int4Linear(_QuantLinear):
+    """Int4 weight-only linear, asymmetric per group of ``group_size`` inputs: w = (q - 8) * s + z.
+
+    Buffers: ``qweight`` uint8 (out, in/2) in torch's CPU packing (machine-specific layout: a
+    state_dict is only portable between CPUs that pack alike), ``scales_and_zeros`` bf16
+    (in/group, out, 2) as the kernel wants it, optional fp32 ``bias``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = 32, bias: bool = False):
+        super().__init__()
+        if group_size not in _GROUP_SIZES or in_features % group_size:
+            raise NomoatError(
+                f"Int4Linear: group_size {group_size} must be one of {_GROUP_SIZES} "
+                f"and divide in_features {in_features}"
+            )
+        if out_features % 16 or out_features <= 0:
+            raise NomoatError(f"Int4Linear: out_features {out_features} must be a positive multiple of 16")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        sz = torch.zeros(in_features // group_size, out_features, 2, dtype=_BF16)
+        self.register_buffer("scales_and_zeros", sz)
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @property
+    def weight_dtype_name(self) -> str:
+        return f"int4 g{self.group_size}"
+
+    @classmethod
+    def from_float(cls, weight: Tensor, bias: Tensor | None = None, group_size: int = 32) -> Int4Linear:
+        """Min/max asymmetric quantization of a float (out, in) weight."""
+        out_f, in_f = weight.shape
+        layer = cls(in_f, out_f, group_size, bias=bias is not None)
+        w = weight.detach().to(torch.float32).reshape(out_f, in_f // group_size, group_size)
+        lo, hi = w.amin(-1), w.amax(-1)
+        s, z = _int4_scale_zero(((hi - lo) / 15), lo)
+        # Round against the bf16 scale/zero the kernel will use, so codes are optimal for them.
+        s_div = torch.where(s == 0, torch.ones_like(s), s)
+        q = torch.round((w - z.float()[..., None]) / s_div.float()[..., None] + 8).clamp_(0, 15)
+        layer._load(q.to(torch.uint8).reshape(out_f, in_f), s, z)
+        layer._set_bias(bias)
+        return layer
+
+    @classmethod
+    def from_codes(
+        cls, codes: Tensor, scale: Tensor, offset: Tensor, bias: Tensor | None = None, group_size: int = 32
+    ) -> Int4Linear:
+        """From codes 0..15 with per-group fp32 ``scale``/``offset`` (w = codes * scale + offset),
+        e.g. GGUF Q4_0/Q4_1 via :func:`q4_blocks_to_codes`. Only the bf16 rounding of scale and
+        zero is lost (see ``_int4_scale_zero``)."""
+        out_f, in_f = codes.shape
+        layer = cls(in_f, out_f, group_size, bias=bias is not None)  # validates group_size first
+        if scale.shape != offset.shape or scale.shape != (out_f, in_f // group_size):
+            raise NomoatError(
+                f"Int4Linear.from_codes: codes {tuple(codes.shape)} with group_size {group_size} need "
+                f"scale/offset of shape ({out_f}, {in_f // group_size}), got {tuple(scale.shape)} "
+                f"and {tuple(offset.shape)}"
+            )
+        if codes.numel() and not (int(codes.min()) >= 0 and int(codes.max()) <= 15):
+            raise NomoatError("Int4Linear.from_codes: codes must lie in 0..15")
+        s, z = _int4_scale_zero(scale.to(torch.float32), offset.to(torch.float32))
+        layer._load(codes.to(torch.uint8), s, z)
+        layer._set_bias(bias)
+        return layer
+
+    def _load(self, codes: Tensor, s: Tensor, z: Tensor) -> None:
+        """Pack codes (out, in) uint8 and bf16 s, z (out, in/group) into the kernel's buffers."""
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+        self.qweight = packed
+        self.scales_and_zeros = torch.stack([s, z], dim=-1).transpose(0, 1).contiguous()
+        _int4_layout()  # fail at build time, not in backward, if we cannot read the packing
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, self.qweight, self.group_size, self.scales_and_zeros
+        )
+
+    def _dequant_columns(self, k0: int, k1: int) -> Tensor:
+        """fp32 weight[:, k0:k1] exactly as the kernel forms it (k0, k1 multiples of group_size)."""
+        g, n = self.group_size, self.out_features
+        codes = _unpack_int4(self.qweight, n, self.in_features, k0, k1, _int4_layout())
+        sz = self.scales_and_zeros[k0 // g : k1 // g].float().transpose(0, 1)  # (out, groups, 2)
+        # (q - 8) * s is exact in fp32, so mul-then-add rounds like the kernel's fma.
+        w = (codes.view(n, -1, g).float() - 8) * sz[..., :1] + sz[..., 1:]
+        return w.view(n, k1 - k0)
+
+    def dequantize(self) -> Tensor:
+        """fp32 (out, in) weight the kernel multiplies by."""
+        return self._dequant_columns(0, self.in_features)
+
+    def _grad_input(self, grad_out: Tensor) -> Tensor:
+        g = grad_out.to(_BF16)
+        out = torch.empty(g.shape[0], self.in_features, dtype=_BF16)
+        for k0, k1 in _column_chunks(self.out_features, self.in_features, self.group_size):
+            out[:, k0:k1] = g @ self._dequant_columns(k0, k1).to(_BF16)
+        return out
+
+
+def _int4_scale_zero(scale: Tensor, offset: Tensor) -> tuple[Tensor, Tensor]:
+    """bf16 (s, z) for the kernel's w = (q - 8) * s + z given w = q * scale + offset.
+
+    bf16 keeps 8 significant bits, so each of s and z is off by at most 2^-8 of itself and a weight
+    by at most 2^-8 * (8|scale| + |offset + 8 scale|). Rounding z from the exact centre (rather than
+    from the rounded s) keeps the scale error multiplied by |q - 8| <= 8 instead of q <= 15.
+    """
+    return scale.to(_BF16), (offset + 8 * scale).to(_BF16)
+
+
+class Int8Linear(_QuantLinear):
+    """Int8 weight-only linear, symmetric per output channel: w = q * s, q in -127..127.
+
+    Buffers: ``qweight`` int8 (out, in), ``scales`` bf16 (out,), optional fp32 ``bias``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.zeros(out_features, dtype=_BF16))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @property
+    def weight_dtype_name(self) -> str:
+        return "int8"
+
+    @classmethod
+    def from_float(cls, weight: Tensor, bias: Tensor | None = None) -> Int8Linear:
+        """Absmax per-row quantization of a float (out, in) weight."""
+        out_f, in_f = weight.shape
+        layer = cls(in_f, out_f, bias=bias is not None)
+        w = weight.detach().to(torch.float32)
+        s = (w.abs().amax(dim=1) / 127).to(_BF16)  # the kernel wants bf16 scales with bf16 activations
+        s_div = torch.where(s == 0, torch.ones_like(s), s).float()
+        layer.qweight = torch.round(w / s_div[:, None]).clamp_(-127, 127).to(torch.int8)
+        layer.scales = s
+        layer._set_bias(bias)
+        return layer
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+
+    def dequantize(self) -> Tensor:
+        """fp32 (out, in) weight the kernel multiplies by (q * s is exact in fp32)."""
+        return self.qweight.float() * self.scales.float()[:, None]
+
+    def _grad_input(self, grad_out: Tensor) -> Tensor:
+        # Fold the per-row scale into grad_out; int8 codes are exact in bf16.
+        g = (grad_out.float() * self.scales.float()).to(_BF16)
+        out = torch.empty(g.shape[0], self.in_features, dtype=_BF16)
+        for k0, k1 in _column_chunks(self.out_features, self.in_features, 64):
+            out[:, k0:k1] = g @ self.qweight[:, k0:k1].to(_BF16)
+        return out
+
+
+def quantize_linears(
+    module: nn.Module, mode: str, group_size: int = 32, skip: Callable[[str], bool] | None = None
+) -> int:
+    """Replace every nn.Linear under ``module`` (by qualified name, unless ``skip(name)``) in place
+    with Int4Linear ("q4") or Int8Linear ("q8"); return how many were replaced."""
+    if mode not in ("q4", "q8"):
+        raise NomoatError(f"quantize_linears: unknown mode {mode!r} (expected 'q4' or 'q8')")
+    done: dict[int, nn.Module] = {}  # a Linear shared by several parents is quantized once
+    targets = [
+        (name, m)
+        for name, m in module.named_modules(remove_duplicate=False)
+        if isinstance(m, nn.Linear) and name and not (skip is not None and skip(name))
+    ]
+    for name, lin in targets:
+        if id(lin) not in done:
+            try:
+                if mode == "q4":
+                    done[id(lin)] = Int4Linear.from_float(lin.weight, lin.bias, group_size)
+                else:
+                    done[id(lin)] = Int8Linear.from_float(lin.weight, lin.bias)
+            except NomoatError as e:
+                raise NomoatError(f"quantize_linears: layer {name!r}: {e}") from e
+        parent_name, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent_name), child, done[id(lin)])
+    return len(done)

@@ -1,0 +1,273 @@
+"""Tokenizers (Hugging Face `tokenizers`) built from GGUF metadata or tokenizer.json, and chat templates."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from nomoat.errors import NomoatError
+
+# Pre-tokenizer splits by llama.cpp's `tokenizer.ggml.pre` name (the regexes the vocabularies were trained with).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
+           "smaug-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+# gpt2's own regex, with every digit split apart first (llama.cpp's "smollm"/"starcoder" and the models' tokenizer.json).
+_DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact"}
+
+TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
+
+
+@lru_cache(maxsize=1)
+def _byte_alphabet() -> dict[int, str]:
+    return {b: c for b, c in zip(*_bytes_to_unicode())}
+
+
+def _bytes_to_unicode() -> tuple[list[int], list[str]]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return bs, [chr(c) for c in cs]
+
+
+def _spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """Merges implied by a sentencepiece vocabulary: every split of a token into two known tokens,
+    ranked by the merged token's score (what sentencepiece's BPE does at encode time)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    found = []
+    for tok, i in vocab.items():
+        for k in range(1, len(tok)):
+            a, b = tok[:k], tok[k:]
+            if a in vocab and b in vocab:
+                found.append((scores[i], vocab[a], vocab[b], a, b))
+    found.sort(key=lambda m: (-m[0], m[1], m[2]))
+    return [(a, b) for *_, a, b in found]
+
+
+def tokenizer_from_gguf_metadata(meta: dict[str, Any], source: str) -> HFTokenizer:
+    kind = meta.get("model")
+    tokens = meta.get("tokens")
+    if not tokens:
+        raise NomoatError(f"{source}: no tokenizer.ggml.tokens in the file")
+    types = meta.get("token_type") or [1] * len(tokens)
+    if kind == "gpt2":
+        alphabet = set(_byte_alphabet().values())
+        spell = _byte_alphabet()
+        vocab = {}
+        for i, t in enumerate(tokens):
+            vocab[t if set(t) <= alphabet else "".join(spell[b] for b in t.encode("utf-8"))] = i
+        merges = [tuple(m.split(" ", 1)) for m in (meta.get("merges") or [])]
+        tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
+                                    ignore_merges=meta.get("pre") in _SPLITS))
+        pre = meta.get("pre") or "default"
+        if pre in _SPLITS:
+            tk.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        elif pre in _DIGIT_SPLIT_PRE:
+            tk.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        else:
+            tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tk.decoder = decoders.ByteLevel()
+    elif kind == "llama":
+        scores = meta.get("scores") or [0.0] * len(tokens)
+        vocab = {t: i for i, t in enumerate(tokens)}
+        merges = [tuple(m.split(" ", 1)) for m in meta["merges"]] if meta.get("merges") else \
+            _spm_merges(tokens, scores)
+        unk = meta.get("unknown_token_id")
+        tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True,
+                                    unk_token=tokens[unk] if unk is not None else None))
+        prefix = meta.get("add_space_prefix", True)
+        norm = [normalizers.Prepend("▁")] if prefix else []
+        tk.normalizer = normalizers.Sequence(norm + [normalizers.Replace(" ", "▁")])
+        dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        tk.decoder = decoders.Sequence(dec + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    else:
+        raise NomoatError(f"{source}: tokenizer.ggml.model {kind!r} is not supported (supported: gpt2, llama)")
+    added = [AddedToken(t, special=True, normalized=False)
+             for t, ty in zip(tokens, types) if ty == TOKEN_CONTROL]
+    tk.add_special_tokens(added)
+    user = [AddedToken(t, special=False, normalized=False)
+            for t, ty in zip(tokens, types) if ty == TOKEN_USER_DEFINED]
+    if user:
+        tk.add_tokens(user)
+    return tk
+
+
+def _raise(message: str) -> None:
+    raise NomoatError(f"chat template: {message}")
+
+
+@lru_cache(maxsize=16)
+def _compile_template(source: str):
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    # The same environment transformers renders chat templates with, so the strings match exactly.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False, ensure_ascii=False: \
+        json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+class Tokenizer:
+    """Text <-> token ids, special-token ids, and the model's chat template."""
+
+    def __init__(self, tk: HFTokenizer, *, bos_id: int | None, eos_id: int | None, pad_id: int | None = None,
+                 add_bos: bool = False, add_eos: bool = False, chat_template: str | None = None,
+                 extra_stop_ids: tuple[int, ...] = ()) -> None:
+        self.tk = tk
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
+        self.add_bos, self.add_eos = add_bos, add_eos
+        self.chat_template = chat_template
+        stops = {i for i in (eos_id, *extra_stop_ids) if i is not None}
+        for name in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "<|endoftext|>", "</s>"):
+            i = tk.token_to_id(name)
+            if i is not None:
+                stops.add(i)
+        self.stop_ids = frozenset(stops)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.chat_template)
+
+    def token(self, i: int) -> str | None:
+        return self.tk.id_to_token(i)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; special tokens written in the text are recognised.
+
+        add_special_tokens: prepend BOS / append EOS as the model's flags ask.
+        """
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        if add_special_tokens:
+            if self.add_bos and self.bos_id is not None:
+                ids = [self.bos_id] + ids
+            if self.add_eos and self.eos_id is not None:
+                ids = ids + [self.eos_id]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+                            **kwargs: Any) -> str:
+        if not self.chat_template:
+            raise NomoatError("this model has no chat template; use --raw")
+        tok = self.token
+        return _compile_template(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=tok(self.bos_id) if self.bos_id is not None else "",
+            eos_token=tok(self.eos_id) if self.eos_id is not None else "", **kwargs)
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        ids = self.encode(text)
+        # Templates that write the BOS token themselves must not get a second one.
+        if self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        return ids
+
+    # ---- construction ----
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict[str, Any], source: str) -> Tokenizer:
+        tk = tokenizer_from_gguf_metadata(meta, source)
+        kind = meta.get("model")
+        add_bos = meta.get("add_bos_token")
+        if add_bos is None:
+            add_bos = kind == "llama"
+        extra = tuple(i for i in (meta.get("eot_token_id"), meta.get("eom_token_id")) if i is not None)
+        return cls(tk, bos_id=meta.get("bos_token_id"), eos_id=meta.get("eos_token_id"),
+                   pad_id=meta.get("padding_token_id"), add_bos=bool(add_bos),
+                   add_eos=bool(meta.get("add_eos_token") or False),
+                   chat_template=meta.get("chat_template"), extra_stop_ids=extra)
+
+    @classmethod
+    def from_hf_dir(cls, path: Path, eos_ids: list[int] | None = None) -> Tokenizer:
+        tj = path / "tokenizer.json"
+        if not tj.exists():
+            raise NomoatError(f"{path}: no tokenizer.json (only fast tokenizers are supported)")
+        try:
+            tk = HFTokenizer.from_file(str(tj))
+        except Exception as e:
+            raise NomoatError(f"{tj}: cannot parse ({e})") from None
+        cfg: dict[str, Any] = {}
+        tc = path / "tokenizer_config.json"
+        if tc.exists():
+            try:
+                cfg = json.loads(tc.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise NomoatError(f"{tc}: invalid JSON ({e})") from None
+        template = cfg.get("chat_template")
+        jinja = path / "chat_template.jinja"
+        if template is None and jinja.exists():
+            template = jinja.read_text(encoding="utf-8")
+        if isinstance(template, list):  # named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+
+        def tid(key: str) -> int | None:
+            v = cfg.get(key)
+            if isinstance(v, dict):
+                v = v.get("content")
+            return tk.token_to_id(v) if isinstance(v, str) else None
+
+        eos = tid("eos_token")
+        if eos is None and eos_ids:
+            eos = eos_ids[0]
+        # tokenizer.json's post-processor adds BOS for some models; we add it ourselves from the flag.
+        add_bos = cfg.get("add_bos_token")
+        if add_bos is None:
+            add_bos = _post_processor_adds_bos(tj)
+        tk.post_processor = None
+        return cls(tk, bos_id=tid("bos_token"), eos_id=eos, pad_id=tid("pad_token"), add_bos=bool(add_bos),
+                   add_eos=bool(cfg.get("add_eos_token", False)), chat_template=template,
+                   extra_stop_ids=tuple(eos_ids or ()))
+
+    def save_hf(self, path: Path) -> None:
+        """Write tokenizer.json and tokenizer_config.json as transformers expects them."""
+        self.tk.save(str(path / "tokenizer.json"))
+        tok = self.token
+        cfg: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": self.add_bos,
+            "add_eos_token": self.add_eos,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 1 << 20,
+        }
+        for key, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id)):
+            if i is not None:
+                cfg[key] = tok(i)
+        if self.chat_template:
+            cfg["chat_template"] = self.chat_template
+        (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def _post_processor_adds_bos(tj: Path) -> bool:
+    try:
+        post = json.loads(tj.read_text(encoding="utf-8")).get("post_processor") or {}
+    except json.JSONDecodeError:
+        return False
+    text = json.dumps(post)
+    return '"TemplateProcessing"' in text and "SpecialToken" in text
