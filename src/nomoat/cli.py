@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -24,10 +24,14 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="GGUF file or Hugging Face model "
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="GGUF file or Hugging Face model "
                                                  "directory (default: the embedded SmolLM2-135M-Instruct).")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: torch's).")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads (default: torch's).")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype: float32 or bfloat16.")]
+AdapterOpt = Annotated[list[str] | None, typer.Option(
+    "--adapter", "-a", help="LoRA adapter (PEFT directory or GGUF adapter), optionally PATH:WEIGHT; repeat to "
+    "stack several.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Apply adapters even if trained on a different base.")]
 
 
 def _version(value: bool) -> None:
@@ -44,13 +48,23 @@ def main_callback(
     pass
 
 
-def _load(model: str | None, threads: int | None, dtype: str = "float32", quiet: bool = False):
+def _load(model: str | None, threads: int | None, dtype: str = "float32", quiet: bool = False,
+          adapters: list[str] | None = None, force: bool = False):
+    from nomoat.adapters import AdapterSpec, load_adapter
     from nomoat.loading import load
 
+    specs = [AdapterSpec.parse(a) for a in adapters or ()]
+    for sp in specs:
+        if not sp.path.exists():
+            raise NomoatError(f"{sp.path}: no such adapter")
     if quiet:
-        return load(model, dtype=dtype, threads=threads)
-    with err.status("loading model..."):
-        return load(model, dtype=dtype, threads=threads)
+        lm = load(model, dtype=dtype, threads=threads)
+    else:
+        with err.status("loading model..."):
+            lm = load(model, dtype=dtype, threads=threads)
+    for sp in specs:
+        load_adapter(lm, sp.path, name=sp.name, weight=sp.weight, force=force)
+    return lm
 
 
 def _gen_config(max_new_tokens, temperature, top_k, top_p, repeat_penalty, seed, stop):
@@ -103,20 +117,22 @@ def info(model: ModelOpt = None) -> None:
 
 @app.command()
 def generate(
-    prompt: Annotated[Optional[str], typer.Argument(help="The prompt; read from stdin when omitted.")] = None,
+    prompt: Annotated[str | None, typer.Argument(help="The prompt; read from stdin when omitted.")] = None,
     model: ModelOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate.")] = 256,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.8,
     top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0: all).")] = 40,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
     repeat_penalty: Annotated[float, typer.Option(help="Penalty on tokens already seen (1: none).")] = 1.0,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed for reproducible sampling.")] = None,
-    stop: Annotated[Optional[list[str]], typer.Option(help="Stop when this string appears (repeatable).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed for reproducible sampling.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop when this string appears (repeatable).")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Send the text as is, without the chat template.")] = False,
-    system: Annotated[Optional[str], typer.Option(help="System prompt (chat template only).")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt (chat template only).")] = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print speed and memory figures to stderr.")] = False,
     threads: ThreadsOpt = None,
     dtype: DtypeOpt = "float32",
+    adapter: AdapterOpt = None,
+    force: ForceOpt = False,
 ) -> None:
     """Complete a prompt; only the completion goes to stdout, streamed as it is generated."""
     from nomoat.api import prompt_ids
@@ -130,7 +146,7 @@ def generate(
         raise NomoatError("the prompt is empty")
     cfg = _gen_config(max_new_tokens, temperature, top_k, top_p, repeat_penalty, seed, stop)
     cfg.check()
-    lm = _load(model, threads, dtype, quiet=not sys.stderr.isatty())
+    lm = _load(model, threads, dtype, quiet=not sys.stderr.isatty(), adapters=adapter, force=force)
     ids = prompt_ids(lm, prompt, raw=raw, system=system)
     st = GenerationStats()
     for piece in stream(lm.model, lm.tokenizer, ids, cfg, st):
@@ -144,16 +160,18 @@ def generate(
 @app.command()
 def chat(
     model: ModelOpt = None,
-    system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 512,
     temperature: float = 0.7,
     top_k: int = 40,
     top_p: float = 0.95,
     repeat_penalty: float = 1.1,
-    seed: Optional[int] = None,
+    seed: int | None = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print speed figures after each reply.")] = False,
     threads: ThreadsOpt = None,
     dtype: DtypeOpt = "float32",
+    adapter: AdapterOpt = None,
+    force: ForceOpt = False,
 ) -> None:
     """Multi-turn chat in the terminal with the model's chat template. /reset clears history, /exit quits."""
     from nomoat.api import Chat
@@ -161,7 +179,7 @@ def chat(
 
     cfg = _gen_config(max_new_tokens, temperature, top_k, top_p, repeat_penalty, seed, None)
     cfg.check()
-    lm = _load(model, threads, dtype)
+    lm = _load(model, threads, dtype, adapters=adapter, force=force)
     if not lm.tokenizer.has_chat_template:
         raise NomoatError(f"{lm.source}: the model has no chat template; use `nomoat generate --raw`")
     session = Chat(lm, system=system, cfg=cfg)
@@ -210,6 +228,193 @@ def convert(
     with err.status(f"writing {out_path}..."):
         convert_to_hf(lm, out_path, dtype=dtype)
     err.print(f"wrote {out_path}")
+
+
+@app.command()
+def finetune(
+    data: Annotated[Path, typer.Option("--data", "-d", help="Training data: JSON or JSONL (Alpaca, OpenAI chat "
+                                       "messages, ShareGPT, prompt/completion, or plain text).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Adapter output directory (PEFT format).")],
+    model: ModelOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="auto, alpaca, chat, sharegpt, completion, text.")] = "auto",
+    rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank.")] = 8,
+    alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha (scale = alpha / rank).")] = 16.0,
+    dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.0,
+    targets: Annotated[str, typer.Option(help="Target modules: all-linear or a list such as q,v or "
+                                         "q,k,v,o,gate,up,down.")] = "all-linear",
+    rslora: Annotated[bool, typer.Option("--rslora", help="Scale by alpha / sqrt(rank).")] = False,
+    epochs: Annotated[float, typer.Option(help="Passes over the training data.")] = 1.0,
+    max_steps: Annotated[int, typer.Option(help="Stop after this many optimizer steps (0: from --epochs).")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 2e-4,
+    weight_decay: float = 0.0,
+    warmup: Annotated[float, typer.Option(help="Warmup, as a fraction of the steps.")] = 0.05,
+    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm (0: off).")] = 1.0,
+    seq_len: Annotated[int, typer.Option(help="Truncate examples to this many tokens.")] = 512,
+    pack: Annotated[bool, typer.Option("--pack", help="Pack examples into --seq-len windows.")] = False,
+    train_on_prompt: Annotated[bool, typer.Option("--train-on-prompt", help="Loss on every token, not only "
+                                                  "the responses.")] = False,
+    val_fraction: Annotated[float, typer.Option(help="Share of examples held out for validation loss.")] = 0.05,
+    eval_every: Annotated[int, typer.Option(help="Validation loss every N steps.")] = 50,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 50,
+    seed: int = 42,
+    grad_checkpointing: Annotated[str, typer.Option(help="auto, on or off.")] = "auto",
+    resume: Annotated[Path | None, typer.Option(help="Continue the interrupted run in this directory.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run in --out.")] = False,
+    threads: ThreadsOpt = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Base weights dtype: bfloat16 (fast on CPUs with "
+                                       "AVX-512 BF16) or float32.")] = "bfloat16",
+) -> None:
+    """Fine-tune a LoRA adapter on instruction data; writes a PEFT adapter directory."""
+    from nomoat.train.sft import TrainConfig
+    from nomoat.train.sft import finetune as run
+
+    if resume is not None and resume != out_dir:
+        raise NomoatError(f"--resume {resume} must be the run's --out directory ({out_dir})")
+    if not data.exists():
+        raise NomoatError(f"{data}: no such data file")
+    cfg = TrainConfig(data=str(data), out=str(out_dir), format=fmt, epochs=epochs, max_steps=max_steps,
+                      batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
+                      warmup=warmup, max_grad_norm=max_grad_norm, seq_len=seq_len, pack=pack,
+                      train_on_prompt=train_on_prompt, val_fraction=val_fraction, eval_every=eval_every,
+                      save_every=save_every, seed=seed, grad_checkpointing=grad_checkpointing, rank=rank,
+                      alpha=alpha, dropout=dropout, targets=[targets], rslora=rslora)
+    if resume is None:
+        cfg.check()
+    lm = _load(model, threads, dtype)
+    summary = _run_training(lambda on_step, say: run(lm, cfg, resume=resume is not None, overwrite=overwrite,
+                                                     on_step=on_step, on_message=say))
+    _print_run_summary(out_dir, summary)
+
+
+def _run_training(fn):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]training[/bold]"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                  console=err, transient=False, disable=not err.is_terminal and False) as bar:
+        task = bar.add_task("train", total=None, info="")
+        state = {"val": None}
+
+        def on_step(i):
+            if i.val_loss is not None:
+                state["val"] = i.val_loss
+            val = f" val {state['val']:.3f}" if state["val"] is not None else ""
+            bar.update(task, completed=i.step, total=i.total_steps,
+                       info=f"loss {i.loss:.3f}{val} | {i.tokens_per_s:.0f} tok/s | lr {i.lr:.1e}")
+
+        try:
+            return fn(on_step, lambda m: bar.console.print(m))
+        except KeyboardInterrupt:
+            raise NomoatError("training interrupted; the checkpoint was saved (use --resume to continue)") from None
+
+
+def _print_run_summary(out_dir: Path, s: dict) -> None:
+    size = sum(f.stat().st_size for f in [out_dir / "adapter_model.safetensors"])
+    err.print(f"adapter: [bold]{out_dir}[/bold] ({size / 2**20:.1f} MiB, {s['trainable_parameters']:,} parameters) "
+              f"| {s['steps']} steps, {s['tokens_seen']:,} tokens in {s['wall_seconds']:.0f} s | final loss "
+              f"{s['final_train_loss']}" + (f", validation {s['final_val_loss']}" if s["final_val_loss"] else ""))
+
+
+@app.command("eval")
+def eval_cmd(
+    data: Annotated[Path, typer.Option("--data", "-d", help="Task records {prompt, expected} (JSONL) for "
+                                       "accuracy; text or instruction data for perplexity.")],
+    metric: Annotated[str, typer.Option(help="exact-match, contains or perplexity.")] = "exact-match",
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    force: ForceOpt = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 64,
+    batch_size: int = 16,
+    seq_len: int = 1024,
+    show: Annotated[int, typer.Option(help="Print this many example answers.")] = 3,
+    threads: ThreadsOpt = None,
+    dtype: DtypeOpt = "float32",
+) -> None:
+    """Score a model, and with --adapter the base and the adapted model side by side."""
+    from nomoat.adapters import active_weights
+    from nomoat.evaluate import METRICS, load_task, perplexity, task_accuracy
+    from nomoat.lora import set_active
+
+    if metric not in METRICS:
+        raise NomoatError(f"--metric {metric!r} is not one of {', '.join(METRICS)}")
+    records = load_task(data) if metric != "perplexity" else None
+    lm = _load(model, threads, dtype, adapters=adapter, force=force)
+    weights = active_weights(lm.model)
+    variants = [("base", {})] + ([("adapted", weights)] if weights else [])
+    table = Table(title=f"{metric} on {data.name}")
+    table.add_column("model")
+    results = {}
+    for label, w in variants:
+        set_active(lm.model, w)
+        with err.status(f"evaluating {label}..."):
+            if metric == "perplexity":
+                results[label] = perplexity(lm, data, seq_len=seq_len)
+            else:
+                results[label] = task_accuracy(lm, records, metric, max_new_tokens, batch_size)
+    if metric == "perplexity":
+        for c in ("perplexity", "loss", "tokens"):
+            table.add_column(c, justify="right")
+        for label, r in results.items():
+            table.add_row(label, f"{r.perplexity:.3f}", f"{r.loss:.4f}", str(r.tokens))
+    else:
+        table.add_column("accuracy", justify="right")
+        table.add_column("correct", justify="right")
+        for label, r in results.items():
+            table.add_row(label, f"{100 * r.accuracy:.1f}%", f"{r.correct}/{r.total}")
+        for i, rec in enumerate(records[:show]):
+            out.print(f"[dim]{rec.source}[/dim] expected [bold]{rec.expected}[/bold]; " +
+                      "; ".join(f"{label}: {r.answers[i]!r}" for label, r in results.items()))
+    out.print(table)
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Where the data and the adapter go.")]
+    = Path("nomoat-demo"),
+    steps: Annotated[int, typer.Option(help="Optimizer steps of fine-tuning.")] = 60,
+    threads: ThreadsOpt = None,
+) -> None:
+    """The main job: teach the default model a new skill with LoRA and measure it before and after."""
+    from nomoat.demo import run_demo
+
+    run_demo(out_dir, steps=steps, threads=threads, console=out, err_console=err, run_training=_run_training)
+
+
+adapter_app = typer.Typer(help="Inspect, convert, combine and merge adapters.", no_args_is_help=True)
+app.add_typer(adapter_app, name="adapter")
+
+
+@adapter_app.command("info")
+def adapter_info_cmd(path: Annotated[Path, typer.Argument(help="Adapter directory.")],
+                     model: ModelOpt = None) -> None:
+    """Method, rank, alpha, targets, parameter count, size, ratio to the base, base fingerprint, provenance."""
+    from nomoat.adapters import adapter_info
+    from nomoat.loading import open_checkpoint
+
+    info = adapter_info(path)
+    meta = info["meta"]
+    ckpt = open_checkpoint(model)
+    base_bytes = Path(ckpt.path).stat().st_size if Path(ckpt.path).is_file() else \
+        sum(f.stat().st_size for f in Path(ckpt.path).iterdir())
+    base_params = ckpt.config().num_parameters()
+    t = Table(show_header=False, box=None)
+    rows = [("adapter", info["path"]), ("method", info["method"]), ("rank", str(info["rank"])),
+            ("alpha", f"{info['alpha']:g}"), ("targets", ", ".join(info["targets"])),
+            ("modules", str(info["modules"])), ("parameters", f"{info['parameters']:,} "
+                                                f"({100 * info['parameters'] / base_params:.2f}% of the base)"),
+            ("size", f"{info['bytes'] / 2**20:.2f} MiB ({100 * info['bytes'] / base_bytes:.1f}% of "
+                     f"{Path(ckpt.path).name}, {base_bytes / 2**20:.0f} MiB)"),
+            ("base", str(meta.get("base_name") or meta.get("base_model_name_or_path") or "?")),
+            ("base fingerprint", str(meta.get("base_fingerprint", "not recorded"))),
+            ("data", f"{meta.get('data', '?')} (sha256 {str(meta.get('data_sha256', '?'))[:16]})"),
+            ("trained", f"{meta.get('steps', '?')} steps, {meta.get('tokens_seen', '?')} tokens, "
+                        f"{meta.get('wall_seconds', '?')} s"),
+            ("final loss", f"train {meta.get('final_train_loss')}, validation {meta.get('final_val_loss')}")]
+    for k, v in rows:
+        t.add_row(f"[bold]{k}[/bold]", v)
+    out.print(t)
 
 
 def main() -> None:

@@ -154,9 +154,7 @@ class _QuantLinear(nn.Module):
     def _set_bias(self, bias: Tensor | None) -> None:
         if bias is not None:
             if bias.shape != (self.out_features,):
-                raise NomoatError(
-                    f"{type(self).__name__}: bias shape {tuple(bias.shape)} != ({self.out_features},)"
-                )
+                raise NomoatError(f"{type(self).__name__}: bias shape {tuple(bias.shape)} != ({self.out_features},)")
             self.bias = bias.detach().to(torch.float32).clone()
 
     def extra_repr(self) -> str:
@@ -242,17 +240,16 @@ class Int4Linear(_QuantLinear):
         _int4_layout()  # fail at build time, not in backward, if we cannot read the packing
 
     def _matmul(self, x: Tensor) -> Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x, self.qweight, self.group_size, self.scales_and_zeros
-        )
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.scales_and_zeros)
 
     def _dequant_columns(self, k0: int, k1: int) -> Tensor:
         """fp32 weight[:, k0:k1] exactly as the kernel forms it (k0, k1 multiples of group_size)."""
         g, n = self.group_size, self.out_features
         codes = _unpack_int4(self.qweight, n, self.in_features, k0, k1, _int4_layout())
         sz = self.scales_and_zeros[k0 // g : k1 // g].float().transpose(0, 1)  # (out, groups, 2)
-        # (q - 8) * s is exact in fp32, so mul-then-add rounds like the kernel's fma.
-        w = (codes.view(n, -1, g).float() - 8) * sz[..., :1] + sz[..., 1:]
+        # (q - 8) * s is exact in fp32, so z + (q - 8) * s rounds once, like the kernel's fma.
+        w = codes.view(n, -1, g).float().sub_(8)
+        torch.addcmul(sz[..., 1:], w, sz[..., :1], out=w)
         return w.view(n, k1 - k0)
 
     def dequantize(self) -> Tensor:
@@ -315,11 +312,12 @@ class Int8Linear(_QuantLinear):
         return self.qweight.float() * self.scales.float()[:, None]
 
     def _grad_input(self, grad_out: Tensor) -> Tensor:
-        # Fold the per-row scale into grad_out; int8 codes are exact in bf16.
-        g = (grad_out.float() * self.scales.float()).to(_BF16)
+        # Scale the weight, not grad_out: N*K work per step instead of M*N (large for the LM head).
+        g = grad_out.to(_BF16)
+        s = self.scales.float()[:, None]
         out = torch.empty(g.shape[0], self.in_features, dtype=_BF16)
         for k0, k1 in _column_chunks(self.out_features, self.in_features, 64):
-            out[:, k0:k1] = g @ self.qweight[:, k0:k1].to(_BF16)
+            out[:, k0:k1] = g @ (self.qweight[:, k0:k1].float() * s).to(_BF16)
         return out
 
 

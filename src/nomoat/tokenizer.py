@@ -20,7 +20,7 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
            "smaug-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
-# gpt2's own regex, with every digit split apart first (llama.cpp's "smollm"/"starcoder" and the models' tokenizer.json).
+# gpt2 regex with every digit split apart first (llama.cpp "smollm"/"starcoder", as the models tokenizer.json)
 _DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact"}
 
 TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4

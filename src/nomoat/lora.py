@@ -1,0 +1,314 @@
+"""Low-rank adapters as module replacements: y = W x + sum_i w_i * s_i * B_i A_i dropout(x).
+
+A `LoRALinear` wraps any frozen base projection (float `nn.Linear` or a quantized
+linear) and can hold several named adapters at once, each with its own weight, so
+adapters stack and switch without reloading the base. Parameter names follow
+PEFT's module tree (``...q_proj.lora_A.<name>.weight``), so PEFT files map one to one.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nomoat.errors import NomoatError
+
+TARGET_ALIASES = {
+    "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+    "gate": "gate_proj", "up": "up_proj", "down": "down_proj",
+}
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def resolve_targets(spec: str | Iterable[str]) -> list[str]:
+    """`"q,v"`, `["q_proj", "v_proj"]` or `"all-linear"` -> module short names."""
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for s in items:
+        if s in ("all-linear", "all"):
+            names: Iterable[str] = ALL_LINEAR
+        elif s in TARGET_ALIASES:
+            names = [TARGET_ALIASES[s]]
+        elif s in ALL_LINEAR:
+            names = [s]
+        else:
+            raise NomoatError(f"unknown target module {s!r} (use q, k, v, o, gate, up, down, or all-linear)")
+        out.extend(n for n in names if n not in out)
+    if not out:
+        raise NomoatError("no target modules given")
+    return out
+
+
+@dataclass
+class LoraConfig:
+    """An adapter's shape: rank, alpha, targets; per-module overrides as in PEFT."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
+    rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise NomoatError(f"LoRA rank must be a positive integer, got {self.r!r}")
+        if not 0 <= self.dropout < 1:
+            raise NomoatError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        self.targets = resolve_targets(self.targets)
+
+    @staticmethod
+    def _match(pattern: dict[str, Any], name: str) -> Any:
+        # PEFT matches pattern keys as a regex against the end of the module name.
+        for key, value in pattern.items():
+            if re.match(rf"(.*\.)?{key}$", name):
+                return value
+        return None
+
+    def rank_for(self, name: str) -> int:
+        r = self._match(self.rank_pattern, name)
+        return int(r) if r is not None else self.r
+
+    def alpha_for(self, name: str) -> float:
+        a = self._match(self.alpha_pattern, name)
+        return float(a) if a is not None else float(self.alpha)
+
+    def scale_for(self, name: str) -> float:
+        r, a = self.rank_for(name), self.alpha_for(name)
+        return a / math.sqrt(r) if self.rslora else a / r
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class LoRALinear(nn.Module):
+    """A frozen base projection plus any number of named low-rank updates."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features: int = base.in_features
+        self.out_features: int = base.out_features
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.scales: dict[str, float] = {}
+        self.weights: dict[str, float] = {}  # the user's per-adapter multiplier
+        self.dropouts: dict[str, float] = {}
+        self.active: list[str] = []
+        self.merged: dict[str, float] = {}  # adapter -> effective scale folded into base.weight
+
+    def add(self, name: str, r: int, scale: float, dropout: float = 0.0, init: bool = True,
+            dtype: torch.dtype = torch.float32) -> None:
+        if name in self.lora_A:
+            raise NomoatError(f"adapter {name!r} is already loaded")
+        if r > min(self.in_features, self.out_features):
+            raise NomoatError(f"LoRA rank {r} exceeds the layer's size {self.out_features}x{self.in_features}")
+        A = torch.zeros(r, self.in_features, dtype=dtype)
+        B = torch.zeros(self.out_features, r, dtype=dtype)
+        if init:
+            # PEFT's default: A Kaiming-uniform, B zero, so step 0 is exactly the base model.
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(B)
+        self.scales[name] = scale
+        self.weights[name] = 1.0
+        self.dropouts[name] = dropout
+        self.active.append(name)
+
+    def remove(self, name: str) -> None:
+        if name in self.merged:
+            self.unmerge(name)
+        del self.lora_A[name], self.lora_B[name]
+        for d in (self.scales, self.weights, self.dropouts):
+            d.pop(name, None)
+        if name in self.active:
+            self.active.remove(name)
+
+    def delta(self, name: str) -> torch.Tensor:
+        """The full update s * w * B @ A for one adapter (float32, [out, in])."""
+        A, B = self.lora_A[name].float(), self.lora_B[name].float()
+        return (B @ A) * (self.scales[name] * self.weights[name])
+
+    def merge(self, name: str) -> None:
+        w = getattr(self.base, "weight", None)
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+            raise NomoatError("cannot merge into a quantized base; merge on a float model and quantize after")
+        if name in self.merged:
+            return
+        with torch.no_grad():
+            w += self.delta(name).to(w.dtype)
+        self.merged[name] = self.scales[name] * self.weights[name]
+
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged:
+            return
+        w = self.base.weight
+        A, B = self.lora_A[name].float(), self.lora_B[name].float()
+        with torch.no_grad():
+            w -= ((B @ A) * self.merged.pop(name)).to(w.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        for name in self.active:
+            if name in self.merged:
+                continue
+            A, B = self.lora_A[name], self.lora_B[name]
+            p = self.dropouts[name]
+            h = F.dropout(x, p, self.training) if p and self.training else x
+            s = self.scales[name] * self.weights[name]
+            y = y + F.linear(F.linear(h.to(A.dtype), A), B).mul(s).to(y.dtype)
+        return y
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoRALinear):
+            yield name, mod
+
+
+def _target_modules(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Module]]:
+    found = []
+    for name, mod in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in targets and ".layers." in f".{name}":
+            found.append((name, mod))
+    return found
+
+
+def add_adapter(model: nn.Module, cfg: LoraConfig, name: str = "default", init: bool = True) -> list[str]:
+    """Attach a fresh adapter to every target projection; returns the wrapped module names."""
+    wrapped = []
+    for mod_name, mod in _target_modules(model, cfg.targets):
+        if not isinstance(mod, LoRALinear):
+            parent_name, _, leaf = mod_name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            mod = LoRALinear(mod)
+            setattr(parent, leaf, mod)
+        mod.add(name, cfg.rank_for(mod_name), cfg.scale_for(mod_name), cfg.dropout, init=init)
+        wrapped.append(mod_name)
+    if not wrapped:
+        raise NomoatError(f"no modules named {cfg.targets} in the model")
+    return wrapped
+
+
+def remove_adapter(model: nn.Module, name: str) -> None:
+    for _, mod in lora_modules(model):
+        if name in mod.lora_A:
+            mod.remove(name)
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    names: list[str] = []
+    for _, mod in lora_modules(model):
+        names.extend(n for n in mod.lora_A if n not in names)
+    return names
+
+
+def set_active(model: nn.Module, weights: dict[str, float]) -> None:
+    """Activate exactly these adapters with these weights (unmerged); {} runs the bare base."""
+    known = adapter_names(model)
+    for n in weights:
+        if n not in known:
+            raise NomoatError(f"adapter {n!r} is not loaded (loaded: {', '.join(known) or 'none'})")
+    for _, mod in lora_modules(model):
+        mod.active = [n for n in weights if n in mod.lora_A]
+        for n in mod.active:
+            if n in mod.merged:
+                raise NomoatError(f"adapter {n!r} is merged; unmerge it before changing its weight")
+            mod.weights[n] = float(weights[n])
+
+
+def lora_parameters(model: nn.Module, name: str = "default") -> list[nn.Parameter]:
+    params = []
+    for _, mod in lora_modules(model):
+        if name in mod.lora_A:
+            params += [mod.lora_A[name], mod.lora_B[name]]
+    return params
+
+
+def mark_trainable(model: nn.Module, name: str = "default") -> int:
+    """Freeze everything except one adapter's A and B; returns the trainable parameter count."""
+    model.requires_grad_(False)
+    params = lora_parameters(model, name)
+    for p in params:
+        p.requires_grad_(True)
+    return sum(p.numel() for p in params)
+
+
+def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """{module path: (A, B)} flattened as '<module>.lora_A.weight' / '<module>.lora_B.weight'."""
+    out = {}
+    for mod_name, mod in lora_modules(model):
+        if name in mod.lora_A:
+            out[f"{mod_name}.lora_A.weight"] = mod.lora_A[name].detach()
+            out[f"{mod_name}.lora_B.weight"] = mod.lora_B[name].detach()
+    return out
+
+
+def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], scales: dict[str, float],
+                         name: str = "default", dropout: float = 0.0) -> None:
+    """Attach an adapter from '<module>.lora_A.weight' / '.lora_B.weight' tensors and per-module scales.
+
+    Every shape is checked before anything is attached, so a bad file leaves the model untouched.
+    """
+    modules = {}
+    for key in tensors:
+        if not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise NomoatError(f"unexpected tensor {key!r} in adapter")
+        modules.setdefault(key.rsplit(".", 2)[0], None)
+    plan = []
+    for mod_name in modules:
+        try:
+            mod = model.get_submodule(mod_name)
+        except AttributeError:
+            raise NomoatError(f"adapter targets {mod_name!r}, which the model does not have") from None
+        base = mod.base if isinstance(mod, LoRALinear) else mod
+        A = tensors.get(f"{mod_name}.lora_A.weight")
+        B = tensors.get(f"{mod_name}.lora_B.weight")
+        if A is None or B is None:
+            raise NomoatError(f"adapter has lora_A or lora_B missing for {mod_name}")
+        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != base.in_features or B.shape[0] != base.out_features \
+                or A.shape[0] != B.shape[1]:
+            raise NomoatError(f"adapter shapes for {mod_name} are A{tuple(A.shape)} B{tuple(B.shape)}, the layer is "
+                              f"{base.out_features}x{base.in_features}")
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise NomoatError(f"adapter weights for {mod_name} contain NaN or inf")
+        plan.append((mod_name, mod, A, B))
+    for mod_name, mod, A, B in plan:
+        if not isinstance(mod, LoRALinear):
+            parent_name, _, leaf = mod_name.rpartition(".")
+            wrapper = LoRALinear(mod)
+            setattr(model.get_submodule(parent_name), leaf, wrapper)
+            mod = wrapper
+        mod.add(name, A.shape[0], scales[mod_name], dropout, init=False)
+        with torch.no_grad():
+            mod.lora_A[name].copy_(A.float())
+            mod.lora_B[name].copy_(B.float())
+
+
+def merge_adapters(model: nn.Module, names: Iterable[str] | None = None) -> None:
+    for _, mod in lora_modules(model):
+        for n in (names if names is not None else list(mod.active)):
+            if n in mod.lora_A:
+                mod.merge(n)
+
+
+def unmerge_adapters(model: nn.Module, names: Iterable[str] | None = None) -> None:
+    for _, mod in lora_modules(model):
+        for n in (names if names is not None else list(mod.merged)):
+            mod.unmerge(n)
+
+
+def strip_lora(model: nn.Module) -> None:
+    """Replace every LoRALinear by its base (after merging, to export a plain model)."""
+    for mod_name, mod in list(lora_modules(model)):
+        parent_name, _, leaf = mod_name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, mod.base)

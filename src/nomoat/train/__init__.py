@@ -1,0 +1,1 @@
+"""Training loops: take a model, data and an optimizer config; checkpoint and resume."""
