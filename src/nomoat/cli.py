@@ -31,6 +31,8 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype: float32 o
 AdapterOpt = Annotated[list[str] | None, typer.Option(
     "--adapter", "-a", help="LoRA adapter (PEFT directory or GGUF adapter), optionally PATH:WEIGHT; repeat to "
     "stack several.")]
+QuantOpt = Annotated[str, typer.Option("--quant", "-q", help="Weights: auto (keep a quantized file in 4/8 bits "
+                                       "on int4/int8 kernels), q4, q8, or none (float).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Apply adapters even if trained on a different base.")]
 
 
@@ -49,7 +51,7 @@ def main_callback(
 
 
 def _load(model: str | None, threads: int | None, dtype: str = "float32", quiet: bool = False,
-          adapters: list[str] | None = None, force: bool = False):
+          adapters: list[str] | None = None, force: bool = False, quant: str = "none"):
     from nomoat.adapters import AdapterSpec, load_adapter
     from nomoat.loading import load
 
@@ -58,10 +60,10 @@ def _load(model: str | None, threads: int | None, dtype: str = "float32", quiet:
         if not sp.path.exists():
             raise NomoatError(f"{sp.path}: no such adapter")
     if quiet:
-        lm = load(model, dtype=dtype, threads=threads)
+        lm = load(model, dtype=dtype, threads=threads, quant=quant)
     else:
         with err.status("loading model..."):
-            lm = load(model, dtype=dtype, threads=threads)
+            lm = load(model, dtype=dtype, threads=threads, quant=quant)
     for sp in specs:
         load_adapter(lm, sp.path, name=sp.name, weight=sp.weight, force=force)
     return lm
@@ -81,6 +83,25 @@ def _print_stats(lm, st) -> None:
         f"[dim]load {lm.load_seconds:.2f} s | prompt {st.prompt_tokens} tok, {st.prompt_tps:.1f} tok/s | "
         f"generated {st.generated_tokens} tok, {st.decode_tps:.1f} tok/s | "
         f"peak RSS {peak_rss_mib():.0f} MiB | finish: {st.finish_reason}[/dim]")
+
+
+def _plan_text(ckpt) -> str:
+    from collections import Counter
+
+    from nomoat.loading import _is_linear, quant_plan
+
+    if not quant_plan(ckpt, "auto"):
+        return "float weights (bf16/fp32 matmuls)"
+    kinds: Counter[str] = Counter()
+    for n in ckpt.hf_names():
+        if _is_linear(n):
+            q = ckpt.qtype(n)
+            kinds[f"{q} -> int4 g32 (exact codes)" if q in ("Q4_0", "Q4_1") else
+                  f"{q} -> int4 g32 (requantized)" if q in ("Q4_K", "Q3_K", "Q2_K") else
+                  f"{q} -> int8 per-channel"] += 1
+    if ckpt.config().tie_word_embeddings:
+        kinds["tied head -> int8 per-channel"] += 1
+    return ", ".join(f"{k} x{v}" for k, v in kinds.most_common())
 
 
 @app.command()
@@ -109,6 +130,7 @@ def info(model: ModelOpt = None) -> None:
         ("tied embeddings", "yes" if cfg.tie_word_embeddings else "no"),
         ("tensor types", ", ".join(f"{k} x{v}" for k, v in types.most_common())),
         ("file size", f"{size / 2**20:.1f} MiB"),
+        ("runs as (--quant auto)", _plan_text(ckpt)),
     ]
     for k, v in rows:
         t.add_row(f"[bold]{k}[/bold]", v)
@@ -133,6 +155,7 @@ def generate(
     dtype: DtypeOpt = "float32",
     adapter: AdapterOpt = None,
     force: ForceOpt = False,
+    quant: QuantOpt = "auto",
 ) -> None:
     """Complete a prompt; only the completion goes to stdout, streamed as it is generated."""
     from nomoat.api import prompt_ids
@@ -146,13 +169,14 @@ def generate(
         raise NomoatError("the prompt is empty")
     cfg = _gen_config(max_new_tokens, temperature, top_k, top_p, repeat_penalty, seed, stop)
     cfg.check()
-    lm = _load(model, threads, dtype, quiet=not sys.stderr.isatty(), adapters=adapter, force=force)
+    lm = _load(model, threads, dtype, quiet=not sys.stderr.isatty(), adapters=adapter, force=force, quant=quant)
     ids = prompt_ids(lm, prompt, raw=raw, system=system)
     st = GenerationStats()
     for piece in stream(lm.model, lm.tokenizer, ids, cfg, st):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
     if stats:
         _print_stats(lm, st)
 
@@ -172,6 +196,7 @@ def chat(
     dtype: DtypeOpt = "float32",
     adapter: AdapterOpt = None,
     force: ForceOpt = False,
+    quant: QuantOpt = "auto",
 ) -> None:
     """Multi-turn chat in the terminal with the model's chat template. /reset clears history, /exit quits."""
     from nomoat.api import Chat
@@ -179,7 +204,7 @@ def chat(
 
     cfg = _gen_config(max_new_tokens, temperature, top_k, top_p, repeat_penalty, seed, None)
     cfg.check()
-    lm = _load(model, threads, dtype, adapters=adapter, force=force)
+    lm = _load(model, threads, dtype, adapters=adapter, force=force, quant=quant)
     if not lm.tokenizer.has_chat_template:
         raise NomoatError(f"{lm.source}: the model has no chat template; use `nomoat generate --raw`")
     session = Chat(lm, system=system, cfg=cfg)
@@ -262,6 +287,7 @@ def finetune(
     grad_checkpointing: Annotated[str, typer.Option(help="auto, on or off.")] = "auto",
     resume: Annotated[Path | None, typer.Option(help="Continue the interrupted run in this directory.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run in --out.")] = False,
+    qlora: Annotated[bool, typer.Option("--qlora", help="Train over a frozen 4-bit (int4) base: QLoRA.")] = False,
     threads: ThreadsOpt = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Base weights dtype: bfloat16 (fast on CPUs with "
                                        "AVX-512 BF16) or float32.")] = "bfloat16",
@@ -282,7 +308,7 @@ def finetune(
                       alpha=alpha, dropout=dropout, targets=[targets], rslora=rslora)
     if resume is None:
         cfg.check()
-    lm = _load(model, threads, dtype)
+    lm = _load(model, threads, dtype, quant="q4" if qlora else "none")
     summary = _run_training(lambda on_step, say: run(lm, cfg, resume=resume is not None, overwrite=overwrite,
                                                      on_step=on_step, on_message=say))
     _print_run_summary(out_dir, summary)
@@ -291,23 +317,28 @@ def finetune(
 def _run_training(fn):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("[bold]training[/bold]"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                  console=err, transient=False, disable=not err.is_terminal and False) as bar:
-        task = bar.add_task("train", total=None, info="")
-        state = {"val": None}
+    bar = Progress(TextColumn("[bold]training[/bold]"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                   console=err, transient=False)
+    state: dict = {"val": None, "task": None}
 
-        def on_step(i):
-            if i.val_loss is not None:
-                state["val"] = i.val_loss
-            val = f" val {state['val']:.3f}" if state["val"] is not None else ""
-            bar.update(task, completed=i.step, total=i.total_steps,
-                       info=f"loss {i.loss:.3f}{val} | {i.tokens_per_s:.0f} tok/s | lr {i.lr:.1e}")
+    def on_step(i):
+        # The bar starts with the first step, so an error in the data or the settings stays one line.
+        if state["task"] is None:
+            bar.start()
+            state["task"] = bar.add_task("train", total=i.total_steps, info="")
+        if i.val_loss is not None:
+            state["val"] = i.val_loss
+        val = f" val {state['val']:.3f}" if state["val"] is not None else ""
+        bar.update(state["task"], completed=i.step, total=i.total_steps,
+                   info=f"loss {i.loss:.3f}{val} | {i.tokens_per_s:.0f} tok/s | lr {i.lr:.1e}")
 
-        try:
-            return fn(on_step, lambda m: bar.console.print(m))
-        except KeyboardInterrupt:
-            raise NomoatError("training interrupted; the checkpoint was saved (use --resume to continue)") from None
+    try:
+        return fn(on_step, lambda m: bar.console.print(m))
+    except KeyboardInterrupt:
+        raise NomoatError("training interrupted; the checkpoint was saved (use --resume to continue)") from None
+    finally:
+        bar.stop()
 
 
 def _print_run_summary(out_dir: Path, s: dict) -> None:
@@ -331,6 +362,7 @@ def eval_cmd(
     show: Annotated[int, typer.Option(help="Print this many example answers.")] = 3,
     threads: ThreadsOpt = None,
     dtype: DtypeOpt = "float32",
+    quant: Annotated[str, typer.Option("--quant", "-q", help="Weights: none (float), q8, q4 or auto.")] = "none",
 ) -> None:
     """Score a model, and with --adapter the base and the adapted model side by side."""
     from nomoat.adapters import active_weights
@@ -340,7 +372,7 @@ def eval_cmd(
     if metric not in METRICS:
         raise NomoatError(f"--metric {metric!r} is not one of {', '.join(METRICS)}")
     records = load_task(data) if metric != "perplexity" else None
-    lm = _load(model, threads, dtype, adapters=adapter, force=force)
+    lm = _load(model, threads, dtype, adapters=adapter, force=force, quant=quant)
     weights = active_weights(lm.model)
     variants = [("base", {})] + ([("adapted", weights)] if weights else [])
     table = Table(title=f"{metric} on {data.name}")

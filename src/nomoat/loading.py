@@ -65,19 +65,30 @@ class LoadedModel:
     load_seconds: float
     weight_types: dict[str, str] = field(default_factory=dict)
     checkpoint: GGUFModelFile | HFModelDir | None = None
+    quant: str = "none"
 
     @property
     def name(self) -> str:
         return self.config.name or self.source.stem
 
 
-def build_model(cfg: LlamaConfig, tensors: dict[str, torch.Tensor]) -> LlamaForCausalLM:
-    """Instantiate without random init (meta device), then adopt the given tensors."""
+QUANT_MODES = ("auto", "none", "q4", "q8")
+
+
+def build_model(cfg: LlamaConfig, tensors: dict[str, torch.Tensor],
+                modules: dict[str, torch.nn.Module] | None = None) -> LlamaForCausalLM:
+    """Instantiate without random init (meta device), then adopt the given tensors.
+
+    `modules` replaces whole submodules (e.g. quantized linears) by qualified name.
+    """
+    modules = modules or {}
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     if cfg.tie_word_embeddings:
         tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
-    expected = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    replaced = {f"{m}.weight" for m in modules}
+    expected = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")
+                and k not in replaced}
     missing = expected - tensors.keys()
     if missing:
         raise NomoatError(f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[0]}")
@@ -88,8 +99,11 @@ def build_model(cfg: LlamaConfig, tensors: dict[str, torch.Tensor]) -> LlamaForC
         if tuple(t.shape) != tuple(want):
             raise NomoatError(f"tensor {name} has shape {tuple(t.shape)}, the config implies {tuple(want)}")
     model.load_state_dict({k: v for k, v in tensors.items() if k in expected}, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and "lm_head" not in modules:
         model.lm_head.weight = model.model.embed_tokens.weight
+    for name, mod in modules.items():
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, mod)
     model.rotary = type(model.rotary)(cfg)
     model.requires_grad_(False)
     return model.eval()
@@ -101,8 +115,51 @@ def load_tokenizer(ckpt: GGUFModelFile | HFModelDir) -> Tokenizer:
     return Tokenizer.from_hf_dir(ckpt.path, ckpt.eos_ids())
 
 
-def load(path: str | Path | None = None, *, dtype: str = "float32", threads: int | None = None) -> LoadedModel:
-    """Load a LLaMA-family model from a GGUF file or HF directory (the default model when None)."""
+def _is_linear(name: str) -> bool:
+    return name.endswith("_proj.weight") or name == "lm_head.weight"
+
+
+def _quantized_linear(ckpt, cfg: LlamaConfig, name: str, mode: str) -> tuple[torch.nn.Module, str]:
+    """The quantized layer for one weight, and how it was made (for `nomoat info`).
+
+    GGUF Q4_0/Q4_1 blocks become int4 groups of 32 exactly (codes kept, scales to bf16); other
+    quantized types are requantized to the nearest supported form: Q8_0 and 5/6-bit types to int8
+    per channel, 4-bit k-quants and float weights to int4 g32 (q4) or int8 (q8).
+    """
+    from nomoat.quant import Int4Linear, Int8Linear, q4_blocks_to_codes
+
+    qtype = ckpt.qtype(name)
+    if mode in ("auto", "q4") and qtype in ("Q4_0", "Q4_1") and isinstance(ckpt, GGUFModelFile):
+        codes, scale, offset = q4_blocks_to_codes(ckpt.tensors[ckpt.hf_names()[name]].data, qtype)
+        order = ckpt.row_order(name, cfg)
+        if order is not None:
+            codes, scale, offset = codes[order], scale[order], offset[order]
+        return Int4Linear.from_codes(codes, scale, offset), f"{qtype} -> int4 g32 (exact codes)"
+    w = ckpt.load_float(name, cfg)
+    wants_int4 = mode == "q4" or (mode == "auto" and qtype in ("Q4_K", "Q3_K", "Q2_K"))
+    if wants_int4 and w.shape[1] % 32 == 0 and w.shape[0] % 16 == 0:
+        return Int4Linear.from_float(w, group_size=32), f"{qtype} -> int4 g32 (requantized)"
+    return Int8Linear.from_float(w), f"{qtype} -> int8 per-channel" + ("" if qtype == "Q8_0" else " (requantized)")
+
+
+def quant_plan(ckpt, mode: str) -> bool:
+    """Whether `mode` quantizes this checkpoint: auto keeps quantized files quantized, float files float."""
+    if mode not in QUANT_MODES:
+        raise NomoatError(f"--quant {mode!r} is not one of {', '.join(QUANT_MODES)}")
+    if mode == "auto":
+        return any(ckpt.qtype(n) not in ("F32", "F16", "BF16", "torch.float32", "torch.float16",
+                                         "torch.bfloat16", "F64") for n in ckpt.hf_names() if _is_linear(n))
+    return mode != "none"
+
+
+def load(path: str | Path | None = None, *, dtype: str = "float32", quant: str = "none",
+         threads: int | None = None) -> LoadedModel:
+    """Load a LLaMA-family model from a GGUF file or HF directory (the default model when None).
+
+    quant: "none" keeps float weights in `dtype`; "q4"/"q8" run every linear layer (and the output
+    head) on int4/int8 weight-only kernels with bf16 activations; "auto" does so when the file's
+    weights are quantized. Quantized models compute in bf16 whatever `dtype` says.
+    """
     if threads:
         torch.set_num_threads(threads)
     if dtype not in DTYPES:
@@ -112,12 +169,27 @@ def load(path: str | Path | None = None, *, dtype: str = "float32", threads: int
     cfg = ckpt.config()
     tokenizer = load_tokenizer(ckpt)
     names = ckpt.hf_names()
-    torch_dtype = DTYPES[dtype]
-    tensors = {n: ckpt.load_float(n, cfg).to(torch_dtype) for n in names}
+    quantize = quant_plan(ckpt, quant)
+    torch_dtype = torch.bfloat16 if quantize else DTYPES[dtype]
+    tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, torch.nn.Module] = {}
+    types = {n: ckpt.qtype(n) for n in names}
+    for n in names:
+        if quantize and _is_linear(n):
+            modules[n.removesuffix(".weight")], types[n] = _quantized_linear(ckpt, cfg, n, quant)
+        else:
+            tensors[n] = ckpt.load_float(n, cfg).to(torch_dtype)
+    if quantize and cfg.tie_word_embeddings and "lm_head" not in modules:
+        # The tied head is the largest matmul of a small model: give it its own int8 copy.
+        from nomoat.quant import Int8Linear
+
+        emb = "model.embed_tokens.weight"
+        modules["lm_head"] = Int8Linear.from_float(ckpt.load_float(emb, cfg))
+        types["lm_head.weight"] = f"{types[emb]} (tied) -> int8 per-channel"
     if cfg.vocab_size != tokenizer.vocab_size and tokenizer.vocab_size > cfg.vocab_size:
         raise NomoatError(f"{ckpt.path}: tokenizer has {tokenizer.vocab_size} tokens, model {cfg.vocab_size}")
-    model = build_model(cfg, tensors)
-    types = {n: ckpt.qtype(n) for n in names}
+    model = build_model(cfg, tensors, modules)
     return LoadedModel(model=model, tokenizer=tokenizer, config=cfg, source=Path(ckpt.path),
                        source_format="gguf" if isinstance(ckpt, GGUFModelFile) else "hf",
-                       load_seconds=time.perf_counter() - t0, weight_types=types, checkpoint=ckpt)
+                       load_seconds=time.perf_counter() - t0, weight_types=types, checkpoint=ckpt,
+                       quant=quant if quantize else "none")
