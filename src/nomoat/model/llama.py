@@ -118,16 +118,20 @@ class Attention(nn.Module):
             cache.v[layer, :, :, p:p + T] = v
             k = cache.k[layer, :, :, :p + T]
             v = cache.v[layer, :, :, :p + T]
-        causal = mask is None and cache is None and T > 1
-        if self.n_kv != self.n_heads and (mask is not None or cache is not None):
+        rep = self.n_heads // self.n_kv
+        if T == 1 and cache is not None:
+            # One new token: the `rep` query heads sharing a KV head become `rep` rows attending to
+            # the same keys, with no causal mask needed. Several times faster than repeating K/V.
+            qg = q.view(B, self.n_kv, rep, self.head_dim)
+            out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).view(B, self.n_heads, 1, self.head_dim)
+        elif rep > 1 and (mask is not None or cache is not None):
             # SDPA's enable_gqa takes a slow path with explicit masks; repeating K/V is cheap here.
-            rep = self.n_heads // self.n_kv
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                                 enable_gqa=self.n_kv != self.n_heads)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                                 enable_gqa=rep > 1)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
