@@ -5,10 +5,12 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from nomoat.config import LlamaConfig
 from nomoat.errors import NomoatError
@@ -75,6 +77,21 @@ class LoadedModel:
 QUANT_MODES = ("auto", "none", "q4", "q8")
 
 
+@contextmanager
+def _skip_init():
+    """Build modules without initialising weights: the checkpoint overwrites them anyway.
+
+    Uninitialised `torch.empty` pages are never touched, so they cost no RSS. (Meta-device
+    construction would avoid even that, but its first use imports torch._dynamo: ~2-3 s per load.)
+    """
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
+
+
 def build_model(cfg: LlamaConfig, tensors: dict[str, torch.Tensor],
                 modules: dict[str, torch.nn.Module] | None = None) -> LlamaForCausalLM:
     """Instantiate without random init (meta device), then adopt the given tensors.
@@ -82,7 +99,7 @@ def build_model(cfg: LlamaConfig, tensors: dict[str, torch.Tensor],
     `modules` replaces whole submodules (e.g. quantized linears) by qualified name.
     """
     modules = modules or {}
-    with torch.device("meta"):
+    with _skip_init():
         model = LlamaForCausalLM(cfg)
     if cfg.tie_word_embeddings:
         tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
@@ -104,7 +121,6 @@ def build_model(cfg: LlamaConfig, tensors: dict[str, torch.Tensor],
     for name, mod in modules.items():
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, mod)
-    model.rotary = type(model.rotary)(cfg)
     model.requires_grad_(False)
     return model.eval()
 

@@ -186,8 +186,9 @@ class Int4Linear(_QuantLinear):
         if out_features % 16 or out_features <= 0:
             raise NomoatError(f"Int4Linear: out_features {out_features} must be a positive multiple of 16")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
-        sz = torch.zeros(in_features // group_size, out_features, 2, dtype=_BF16)
+        # Placeholders (empty: never touched, so free) until from_float/from_codes or load_state_dict fill them.
+        self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        sz = torch.empty(in_features // group_size, out_features, 2, dtype=_BF16)
         self.register_buffer("scales_and_zeros", sz)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
