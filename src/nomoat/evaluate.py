@@ -101,12 +101,16 @@ def perplexity(lm, path: str | Path, fmt: str = "auto", seq_len: int = 1024, bat
                progress: Callable[[int], None] | None = None) -> PerplexityResult:
     """Perplexity on plain text (every token) or on the response tokens of an instruction set."""
     path = Path(path)
-    if fmt == "auto" and path.suffix == ".txt":
-        fmt = "text"
-    if fmt == "text" and path.suffix == ".txt":
+    if not path.exists():
+        raise NomoatError(f"{path}: no such file")
+    plain = path.suffix.lower() not in (".json", ".jsonl", ".ndjson")
+    if plain:  # a plain text file (.txt, .md, ...): every token counts
         from nomoat.data import Example
 
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise NomoatError(f"{path}: not UTF-8 text") from None
         if not text.strip():
             raise NomoatError(f"{path}: empty")
         examples = [Example(messages=None, text=text, source=f"{path.name}:1")]

@@ -205,6 +205,11 @@ def load(path: str | Path | None = None, *, dtype: str = "float32", quant: str =
     if cfg.vocab_size != tokenizer.vocab_size and tokenizer.vocab_size > cfg.vocab_size:
         raise NomoatError(f"{ckpt.path}: tokenizer has {tokenizer.vocab_size} tokens, model {cfg.vocab_size}")
     model = build_model(cfg, tensors, modules)
+    if quantize:
+        from nomoat.model.llama import fuse_projections
+        from nomoat.quant import fuse_rows
+
+        fuse_projections(model, fuse_rows)
     return LoadedModel(model=model, tokenizer=tokenizer, config=cfg, source=Path(ckpt.path),
                        source_format="gguf" if isinstance(ckpt, GGUFModelFile) else "hf",
                        load_seconds=time.perf_counter() - t0, weight_types=types, checkpoint=ckpt,

@@ -347,3 +347,30 @@ def quantize_linears(
         parent_name, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent_name), child, done[id(lin)])
     return len(done)
+
+
+def fuse_rows(layers: list[nn.Module]) -> nn.Module | None:
+    """One quantized layer computing the concatenated outputs of `layers` (same input), or None.
+
+    Used to run q/k/v and gate/up as one kernel call when decoding. Int4 packing works in blocks of
+    64 output rows, so blocks concatenate as they are when every part has a multiple of 64 rows.
+    """
+    if not layers or len({type(m) for m in layers}) != 1 or any(getattr(m, "bias", None) is not None for m in layers):
+        return None
+    first = layers[0]
+    if len({m.in_features for m in layers}) != 1:
+        return None
+    out = sum(m.out_features for m in layers)
+    if isinstance(first, Int4Linear):
+        if len({m.group_size for m in layers}) != 1 or any(m.out_features % 64 for m in layers):
+            return None
+        fused = Int4Linear(first.in_features, out, first.group_size)
+        fused.qweight = torch.cat([m.qweight for m in layers])
+        fused.scales_and_zeros = torch.cat([m.scales_and_zeros for m in layers], dim=1).contiguous()
+        return fused
+    if isinstance(first, Int8Linear):
+        fused = Int8Linear(first.in_features, out)
+        fused.qweight = torch.cat([m.qweight for m in layers])
+        fused.scales = torch.cat([m.scales for m in layers])
+        return fused
+    return None

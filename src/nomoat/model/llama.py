@@ -8,6 +8,7 @@ adapter keys map one to one without renaming.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +96,34 @@ class KVCache:
         self.pos = 0
 
 
+def _set_fused(mod: nn.Module, fused: nn.Module | None, parts: tuple[nn.Module, ...]) -> None:
+    # Kept out of the module tree (no state_dict keys, invisible to LoRA targeting): an inference-only
+    # alias of the same weights, used while the parts it was built from are still in place.
+    object.__setattr__(mod, "_fused", fused)
+    object.__setattr__(mod, "_fused_from", tuple(id(p) for p in parts))
+
+
+def _fused_valid(mod: nn.Module, parts: tuple[nn.Module, ...]) -> bool:
+    return mod._fused is not None and mod._fused_from == tuple(id(p) for p in parts)
+
+
+def fuse_projections(model: nn.Module, fuse: Callable[[list[nn.Module]], nn.Module | None]) -> int:
+    """Give every attention its q/k/v and every MLP its gate/up as one layer, where `fuse` can.
+
+    A part later replaced (e.g. wrapped by a LoRA) makes its block fall back to the separate layers.
+    """
+    n = 0
+    for m in model.modules():
+        parts = (m.q_proj, m.k_proj, m.v_proj) if isinstance(m, Attention) else \
+            (m.gate_proj, m.up_proj) if isinstance(m, MLP) else None
+        if parts is not None:
+            fused = fuse(list(parts))
+            if fused is not None:
+                _set_fused(m, fused, parts)
+                n += 1
+    return n
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, device=None) -> None:
         super().__init__()
@@ -104,12 +133,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False, device=device)
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False, device=device)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False, device=device)
+        _set_fused(self, None, ())
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        if _fused_valid(self, (self.q_proj, self.k_proj, self.v_proj)):
+            q, k, v = self._fused(x).split((nq, nkv, nkv), dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q = (q * cos + rotate_half(q) * sin).to(x.dtype)
         k = (k * cos + rotate_half(k) * sin).to(x.dtype)
         if cache is not None:
@@ -142,9 +177,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, f, bias=False, device=device)
         self.up_proj = nn.Linear(h, f, bias=False, device=device)
         self.down_proj = nn.Linear(f, h, bias=False, device=device)
+        _set_fused(self, None, ())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if _fused_valid(self, (self.gate_proj, self.up_proj)):
+            gate, up = self._fused(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
