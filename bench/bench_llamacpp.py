@@ -67,12 +67,11 @@ def run():
     t = time.perf_counter()
     llm.eval(ids)
     tp = time.perf_counter() - t
-    import numpy as np
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = llm.sample(temp=0.0)
     t = time.perf_counter()
     for _ in range(n_decode):
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = llm.sample(temp=0.0)
     td = time.perf_counter() - t
     return n_prompt / tp, n_decode / td
 run()

@@ -143,6 +143,30 @@ def default_lm(default_model_file: Path) -> LoadedModel:
     return load(default_model_file)
 
 
+def _fingerprint(lm: LoadedModel) -> tuple:
+    """Module layout, a strided sample of every weight, and the tokenizer's stop set: cheap to take."""
+    with torch.no_grad():
+        sample = torch.stack([p.detach().reshape(-1)[::997].sum(dtype=torch.float64)
+                              for p in lm.model.state_dict().values()])
+    layout = tuple((n, type(m).__name__) for n, m in lm.model.named_modules())
+    return layout, sample, lm.tokenizer.stop_ids, lm.model.training
+
+
+@pytest.fixture(autouse=True)
+def _default_lm_unchanged(request):
+    """The session's `default_lm` is shared: fail the test that leaves it modified (LoRA left in, merged
+    weights, a changed tokenizer), rather than a later test that trips over it."""
+    if "default_lm" not in request.fixturenames:
+        yield
+        return
+    lm = request.getfixturevalue("default_lm")
+    before = _fingerprint(lm)
+    yield
+    after = _fingerprint(lm)
+    assert before[0] == after[0] and torch.equal(before[1], after[1]) and before[2:] == after[2:], (
+        f"{request.node.nodeid} left the shared default_lm modified; restore it, or load a private copy")
+
+
 @pytest.fixture(scope="session")
 def hf_ref(default_model_file: Path):
     """transformers' own GGUF loading of the default model: (model, tokenizer), float32."""

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import hf_twin, rel_err
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import hf_twin, rel_err
 from nomoat.api import convert_to_hf
 from nomoat.cli import app
 from nomoat.errors import NomoatError

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import gguf_permute, hf_twin, make_tiny_lm, rel_err, tiny_config, write_tiny_gguf
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from conftest import gguf_permute, hf_twin, make_tiny_lm, rel_err, tiny_config, write_tiny_gguf
 from nomoat.api import generate, generate_stream
 from nomoat.formats.gguf_read import qk_permute_rows, qk_row_order
 from nomoat.generate import GenerationConfig, generate_batch

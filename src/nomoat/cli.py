@@ -238,17 +238,32 @@ def chat(
 
 @app.command()
 def convert(
-    to: Annotated[str, typer.Option("--to", help="Output format: hf.")],
-    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
+    to: Annotated[str, typer.Option("--to", help="Output format: hf or gguf.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output directory (hf) or .gguf file.")],
     model: ModelOpt = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Tensor dtype written: float32, bfloat16, float16.")]
     = "float32",
+    gguf_type: Annotated[str, typer.Option("--type", help="GGUF tensor type: f32, f16, q8_0, q4_0, q4_1.")]
+    = "f16",
 ) -> None:
-    """Convert a model: GGUF -> Hugging Face directory (config.json + safetensors + tokenizer)."""
+    """Convert a model: to a Hugging Face directory (config.json + safetensors + tokenizer) or to GGUF."""
     from nomoat.api import convert_to_hf
 
+    if to == "gguf":
+        from nomoat.adapter_ops import export_model
+        from nomoat.formats.gguf_write import FTYPES
+
+        if out_path.suffix != ".gguf":
+            raise NomoatError(f"--out {out_path}: a GGUF file name must end in .gguf")
+        if gguf_type not in FTYPES:
+            raise NomoatError(f"--type {gguf_type!r} is not one of {', '.join(FTYPES)}")
+        lm = _load(model, None)
+        with err.status(f"writing {out_path}..."):
+            export_model(lm, out_path, gguf_type)
+        err.print(f"wrote {out_path} ({out_path.stat().st_size / 2**20:.1f} MiB)")
+        return
     if to != "hf":
-        raise NomoatError(f"--to {to!r} is not supported (supported: hf)")
+        raise NomoatError(f"--to {to!r} is not supported (supported: hf, gguf)")
     lm = _load(model, None)
     with err.status(f"writing {out_path}..."):
         convert_to_hf(lm, out_path, dtype=dtype)
@@ -447,6 +462,167 @@ def adapter_info_cmd(path: Annotated[Path, typer.Argument(help="Adapter director
     for k, v in rows:
         t.add_row(f"[bold]{k}[/bold]", v)
     out.print(t)
+
+
+def _adapter_model_cfg(model: str | None, needed: bool):
+    """The base model's config, read from its header only (GGUF adapters need shapes and head counts)."""
+    from nomoat.loading import open_checkpoint
+
+    return open_checkpoint(model).config() if needed else None
+
+
+def _specs(items: list[str]) -> list[tuple[Path, float]]:
+    from nomoat.adapters import AdapterSpec
+
+    specs = [AdapterSpec.parse(a) for a in items]
+    for sp in specs:
+        if not sp.path.exists():
+            raise NomoatError(f"{sp.path}: no such adapter")
+    return [(sp.path, sp.weight) for sp in specs]
+
+
+@adapter_app.command("combine")
+def adapter_combine_cmd(
+    sources: Annotated[list[str], typer.Argument(help="Adapters (PEFT directory or .gguf), each PATH[:WEIGHT].")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output PEFT directory (or .gguf file).")],
+    how: Annotated[str, typer.Option("--how", help="concat (exact, rank r1+r2), linear or ties (SVD to "
+                                     "--rank, error reported).")] = "concat",
+    rank: Annotated[int | None, typer.Option("--rank", "-r", help="Rank for linear/ties (default: the "
+                                             "largest input rank).")] = None,
+    density: Annotated[float, typer.Option(help="Share of each update TIES keeps.")] = 0.2,
+    model: ModelOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Combine adapters trained on different bases.")] = False,
+) -> None:
+    """Combine adapters into one: concat is exact; linear and ties approximate at a chosen rank."""
+    from nomoat.adapter_ops import combine_files
+
+    specs = _specs(sources)
+    needs_cfg = out_path.suffix == ".gguf" or any(p.suffix == ".gguf" for p, _ in specs)
+    report = combine_files(specs, out_path, how, rank, density, _adapter_model_cfg(model, needs_cfg), force)
+    ranks = sorted({int(m["rank"]) for m in report.modules.values()})
+    t = Table(show_header=False, box=None)
+    rows = [("method", how), ("modules", str(len(report.modules))), ("rank", ", ".join(map(str, ranks))),
+            ("relative error", f"mean {report.mean_rel_error:.2e}, max {report.max_rel_error:.2e}, "
+                               f"overall {report.total_rel_error:.2e}")]
+    if how == "ties":
+        vs = [m["ties_vs_sum"] for m in report.modules.values()]
+        rows.append(("TIES vs plain sum", f"mean {sum(vs) / len(vs):.2e}"))
+    for k, v in rows:
+        t.add_row(f"[bold]{k}[/bold]", v)
+    out.print(t)
+    err.print(f"wrote {out_path}")
+
+
+@adapter_app.command("merge")
+def adapter_merge_cmd(
+    adapter: Annotated[list[str], typer.Option("--adapter", "-a", help="Adapter PATH[:WEIGHT]; repeat to "
+                                               "merge several.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Hugging Face directory, or a .gguf file.")],
+    gguf_type: Annotated[str, typer.Option("--type", help="f32, f16, bf16 (directory); f32, f16, q8_0, q4_0, "
+                                           "q4_1 (GGUF).")] = "f16",
+    model: ModelOpt = None,
+    force: ForceOpt = False,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Fold adapters into the base weights and write the merged model (HF directory or GGUF)."""
+    from nomoat.adapter_ops import merge_files
+
+    specs = _specs(adapter)
+    lm = _load(model, threads)
+    with err.status(f"merging and writing {out_path}..."):
+        _, kept = merge_files(lm, specs, out_path, gguf_type, force=force)
+    err.print(f"wrote {out_path}; {100 * kept:.0f}% of the adapters' update survives --type {gguf_type}")
+    if kept < 0.5:
+        err.print(f"[bold yellow]warning:[/bold yellow] storing the merged weights as {gguf_type} erases most of the "
+                  "update (a base already on a 4-bit grid snaps back to it); keep the adapter unmerged (nomoat "
+                  "adapter convert --to gguf, then llama.cpp --lora) or merge to --type q8_0 / f16", soft_wrap=True)
+
+
+@adapter_app.command("convert")
+def adapter_convert_cmd(
+    src: Annotated[Path, typer.Argument(help="Adapter: PEFT directory or .gguf file.")],
+    to: Annotated[str, typer.Option("--to", help="gguf (llama.cpp LoRA adapter) or peft.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output .gguf file or PEFT directory.")],
+    gguf_type: Annotated[str, typer.Option("--type", help="GGUF tensor type: f32, f16 or q8_0.")] = "f32",
+    model: ModelOpt = None,
+) -> None:
+    """Convert an adapter between PEFT and llama.cpp's GGUF LoRA format, keeping every module's scale."""
+    from nomoat.adapter_ops import convert_adapter
+
+    if not src.exists():
+        raise NomoatError(f"{src}: no such adapter")
+    convert_adapter(src, to, out_path, _adapter_model_cfg(model, True), dtype=gguf_type)
+    err.print(f"wrote {out_path}")
+
+
+@app.command()
+def serve(
+    model: ModelOpt = None,
+    adapter: Annotated[list[str] | None, typer.Option(
+        "--adapter", "-a", help="NAME=PATH[:WEIGHT]: an adapter (PEFT directory or GGUF adapter) that requests "
+        "select with model=NAME, or a stack with NAME+OTHER; repeat for more.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps the server to this "
+                                      "machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="NOMOAT_API_KEY", help="Require "
+                                                "'Authorization: Bearer KEY' on every /v1 route.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Model id of the base model (default: smollm2 for "
+                                             "the embedded model, else the file name).")] = None,
+    max_tokens_limit: Annotated[int, typer.Option("--max-tokens-limit", help="Largest max_tokens a request "
+                                                  "may ask for (and the default).")] = 2048,
+    max_request_bytes: Annotated[int, typer.Option("--max-request-bytes", help="Largest request body.")]
+    = 1 << 20,
+    max_context: Annotated[int, typer.Option("--max-context", help="Longest prompt + completion in tokens "
+                                             "(0: the model's context).")] = 0,
+    max_active: Annotated[int, typer.Option("--max-active", help="Requests decoded together (the rest "
+                                            "queue).")] = 8,
+    threads: ThreadsOpt = None,
+    dtype: DtypeOpt = "float32",
+    quant: QuantOpt = "auto",
+    force: ForceOpt = False,
+) -> None:
+    """Serve the model and its adapters over the OpenAI HTTP API, with a web chat at /."""
+    import socket
+
+    from nomoat.adapters import load_adapter
+    from nomoat.loading import load
+    from nomoat.serve.app import ServerSettings, base_name_for, create_app, make_server, parse_adapter_arg
+
+    for opt, value, low in (("--port", port, 0), ("--max-tokens-limit", max_tokens_limit, 1),
+                            ("--max-request-bytes", max_request_bytes, 1024), ("--max-context", max_context, 0),
+                            ("--max-active", max_active, 1)):
+        if value < low or (opt == "--port" and value > 65535):
+            raise NomoatError(f"{opt} {value} is out of range")
+    specs = [parse_adapter_arg(a) for a in adapter or ()]
+    seen: set[str] = set()
+    for n, p, _ in specs:
+        if n in seen:
+            raise NomoatError(f"--adapter: the name {n!r} is given twice")
+        seen.add(n)
+        if not Path(p).exists():
+            raise NomoatError(f"{p}: no such adapter")
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise NomoatError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    with err.status("loading model..."):
+        lm = load(model, dtype=dtype, threads=threads, quant=quant)
+        for n, p, _ in specs:
+            load_adapter(lm, p, name=n, force=force, activate=False)
+    base = name or base_name_for(lm)
+    settings = ServerSettings(api_key=api_key or None, max_tokens_limit=max_tokens_limit,
+                              max_request_bytes=max_request_bytes, max_context=max_context, max_active=max_active)
+    app_ = create_app(lm, base, {n: w for n, _, w in specs}, settings)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        err.print(f"[yellow]warning:[/yellow] listening on {host} without --api-key: anyone who can reach this "
+                  "port can use the model", soft_wrap=True)
+    models = ", ".join(app_.state.server.registry.ids())
+    shown = f"[{host}]" if ":" in host else host
+    err.print(f"serving [bold]{models}[/bold] at http://{shown}:{port}/ (web chat at /, API at /v1; Ctrl-C stops)",
+              soft_wrap=True)
+    make_server(app_, host, port).run()
+    err.print("stopped")
 
 
 def main() -> None:

@@ -69,7 +69,7 @@ class LoraConfig:
     def _match(pattern: dict[str, Any], name: str) -> Any:
         # PEFT matches pattern keys as a regex against the end of the module name.
         for key, value in pattern.items():
-            if re.match(rf"(.*\.)?{key}$", name):
+            if re.match(rf"(.*\.)?({key})$", name):
                 return value
         return None
 
@@ -278,6 +278,9 @@ def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], sca
         if A.ndim != 2 or B.ndim != 2 or A.shape[1] != base.in_features or B.shape[0] != base.out_features \
                 or A.shape[0] != B.shape[1]:
             raise NomoatError(f"adapter shapes for {mod_name} are A{tuple(A.shape)} B{tuple(B.shape)}, the layer is "
+                              f"{base.out_features}x{base.in_features}")
+        if A.shape[0] > min(base.in_features, base.out_features):
+            raise NomoatError(f"adapter rank {A.shape[0]} for {mod_name} exceeds the layer's size "
                               f"{base.out_features}x{base.in_features}")
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise NomoatError(f"adapter weights for {mod_name} contain NaN or inf")

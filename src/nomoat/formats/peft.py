@@ -130,7 +130,7 @@ def read_peft_dir(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]
         if a is None or b is None:
             raise NomoatError(f"{st}: {mod} has lora_A or lora_B missing")
     try:
-        cfg = LoraConfig(r=int(raw.get("r", 8)), alpha=float(raw.get("lora_alpha", raw.get("r", 8))),
+        cfg = LoraConfig(r=int(raw.get("r", 8)), alpha=float(raw.get("lora_alpha", 8)),  # PEFT's default
                          dropout=float(raw.get("lora_dropout") or 0.0),
                          targets=_targets_from_config(raw.get("target_modules"), modules, src),
                          rslora=bool(raw.get("use_rslora", False)),
