@@ -33,7 +33,7 @@ g = torch.Generator().manual_seed(0)
 ids = torch.randint(100, 40000, (1, n_prompt), generator=g)
 m = lm.model
 def run():
-    cache = KVCache(m.config, 1, n_prompt + n_decode + 1, dtype=m.dtype)
+    cache = KVCache(m.config, 1, n_prompt + n_decode + 1)
     with torch.inference_mode():
         t = time.perf_counter()
         for s in range(0, n_prompt, 512):

@@ -54,17 +54,26 @@ def test_quantized_logits_close_to_float(q4_lm):
     assert top1 > 0.9, float(top1)
 
 
-def test_quantized_greedy_generation_mostly_agrees(q4_lm):
-    from nomoat.api import generate
-    from nomoat.generate import GenerationConfig
+def test_quantized_model_follows_float_greedy_continuations(q4_lm):
+    """Teacher-forced on the float model's greedy answers, the int4 model predicts the same next
+    token almost everywhere (free-running greedy text may fork at the first near-tie and never rejoin)."""
+    from nomoat.api import prompt_ids
+    from nomoat.generate import GenerationConfig, generate_batch
 
-    cfg = GenerationConfig(max_new_tokens=16, temperature=0)
     ref_lm = load(quant="none")
-    agree = 0
-    prompts = ["What is the capital of France?", "Name a colour.", "Say hello."]
+    prompts = ["What is the capital of France?", "Name three colours.", "Explain rain to a child."]
+    agree = total = 0
     for p in prompts:
-        agree += generate(q4_lm, p, cfg)[:12] == generate(ref_lm, p, cfg)[:12]
-    assert agree >= 2
+        ids = prompt_ids(ref_lm, p)
+        out = generate_batch(ref_lm.model, ref_lm.tokenizer, [ids], GenerationConfig(max_new_tokens=32,
+                                                                                       temperature=0))[0]
+        seq = torch.tensor([ids + out.token_ids])
+        with torch.inference_mode():
+            a = ref_lm.model(seq)[0, len(ids) - 1:-1].argmax(-1)
+            b = q4_lm.model(seq)[0, len(ids) - 1:-1].argmax(-1)
+        agree += int((a == b).sum())
+        total += a.numel()
+    assert agree / total > 0.85, (agree, total)
 
 
 def test_q8_and_q4_modes_requantize(tmp_path):

@@ -247,10 +247,12 @@ def test_parallel_streams_equal_alone(live: Live) -> None:
 
 
 def test_client_disconnect_cancels(live: Live, ref_lm: LoadedModel) -> None:
-    # Greedy, this prompt runs to max_tokens: only the disconnect can end it early.
-    assert reference(ref_lm, "support", chat("Go on forever."), LIMIT)[1].finish_reason == "length"
+    # A prompt that, greedy, runs to max_tokens: only the disconnect can end it early.
+    prompt = next((p for p in ("Go on forever.", "Keep going.", "Tell me more.", "Count.", "Again and again.")
+                   if reference(ref_lm, "support", chat(p), LIMIT)[1].finish_reason == "length"), None)
+    assert prompt is not None, "no candidate prompt runs to max_tokens on the tiny model"
     before = live.health()
-    body = {"model": "support", "messages": chat("Go on forever."), "max_tokens": LIMIT, "stream": True,
+    body = {"model": "support", "messages": chat(prompt), "max_tokens": LIMIT, "stream": True,
             "temperature": 0}
     with httpx.stream("POST", live.url + "/v1/chat/completions", json=body) as r:
         next(r.iter_lines())

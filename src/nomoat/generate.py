@@ -159,7 +159,7 @@ def stream(model: LlamaForCausalLM, tok: Tokenizer, prompt_ids: list[int], cfg: 
         raise NomoatError("empty prompt")
     max_new = _check_context(model, len(prompt_ids), cfg.max_new_tokens)
     gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
-    cache = KVCache(model.config, 1, len(prompt_ids) + max_new, dtype=model.dtype)
+    cache = KVCache(model.config, 1, len(prompt_ids) + max_new)
     detok = _Detokenizer(tok, cfg.stop)
     seen = None
     if cfg.repetition_penalty != 1.0:
@@ -212,7 +212,7 @@ def generate_batch(model: LlamaForCausalLM, tok: Tokenizer, prompts: list[list[i
         ids[i, T - len(p):] = torch.tensor(p)
         mask[i, T - len(p):] = True
     pos = (mask[:, :T].long().cumsum(-1) - 1).clamp(min=0)
-    cache = KVCache(model.config, B, T + max_new, dtype=model.dtype)
+    cache = KVCache(model.config, B, T + max_new)
     seen = None
     if cfg.repetition_penalty != 1.0:
         seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool)

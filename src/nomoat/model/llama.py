@@ -27,11 +27,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 as the reference does; bf16 variance loses too much.
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # Normalise in float32 as the reference does (bf16 variance loses too much), with torch's fused
+        # kernel: one op instead of six on the per-token path.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
@@ -86,6 +84,7 @@ class KVCache:
     """Preallocated keys and values for every layer: [layers, batch, kv_heads, max_len, head_dim]."""
 
     def __init__(self, cfg: LlamaConfig, batch: int, max_len: int, dtype: torch.dtype = torch.float32):
+        # float32 by default whatever the weights: the cache is small next to them for these models.
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype)
         self.v = torch.zeros(shape, dtype=dtype)
@@ -142,17 +141,20 @@ class Attention(nn.Module):
             q, k, v = self._fused(x).split((nq, nkv, nkv), dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        # Rotate q and k in one go: [B, heads + kv_heads, T, D].
+        qk = torch.cat((q.reshape(B, T, self.n_heads, self.head_dim), k.reshape(B, T, self.n_kv, self.head_dim)),
+                       dim=2).transpose(1, 2)
+        qk = (qk * cos + rotate_half(qk) * sin).to(x.dtype)
+        q, k = qk.split((self.n_heads, self.n_kv), dim=1)
         v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q = (q * cos + rotate_half(q) * sin).to(x.dtype)
-        k = (k * cos + rotate_half(k) * sin).to(x.dtype)
+        out_dtype = x.dtype
         if cache is not None:
             p = cache.pos
             cache.k[layer, :, :, p:p + T] = k
             cache.v[layer, :, :, p:p + T] = v
             k = cache.k[layer, :, :, :p + T]
             v = cache.v[layer, :, :, :p + T]
+            q = q.to(k.dtype)  # a float32 cache: more exact, and SDPA's float32 CPU path is the faster one
         rep = self.n_heads // self.n_kv
         if T == 1 and cache is not None:
             # One new token: the `rep` query heads sharing a KV head become `rep` rows attending to
@@ -167,7 +169,7 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                  enable_gqa=rep > 1)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1).to(out_dtype))
 
 
 class MLP(nn.Module):
