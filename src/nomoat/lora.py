@@ -164,7 +164,11 @@ class LoRALinear(nn.Module):
             p = self.dropouts[name]
             h = F.dropout(x, p, self.training) if p and self.training else x
             s = self.scales[name] * self.weights[name]
-            y = y + F.linear(F.linear(h.to(A.dtype), A), B).mul(s).to(y.dtype)
+            if h.dtype != A.dtype:
+                # Low-precision activations (a bf16 base): run the update in their dtype rather than keep
+                # a float32 copy of every input for backward; A and B and their gradients stay float32.
+                A, B = A.to(h.dtype), B.to(h.dtype)
+            y = y + F.linear(F.linear(h, A), B).mul(s).to(y.dtype)
         return y
 
 
