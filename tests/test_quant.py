@@ -210,3 +210,20 @@ def test_quantize_linears_unknown_mode_and_bad_layer() -> None:
         quantize_linears(nn.Linear(32, 32), "q3")
     with pytest.raises(NomoatError, match="'0'"):
         quantize_linears(nn.Sequential(nn.Linear(32, 8)), "q4")  # 8 outputs: not a multiple of 16
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_fuse_rows_is_exact_and_parts_still_work(kind):
+    from nomoat.quant import fuse_rows
+
+    torch.manual_seed(0)
+    make = (lambda w: Int4Linear.from_float(w)) if kind == "int4" else (lambda w: Int8Linear.from_float(w))
+    parts = [make(torch.randn(n, 128)) for n in (128, 64, 64)]
+    x = torch.randn(3, 128)
+    before = [p(x) for p in parts]
+    fused = fuse_rows(parts)
+    assert fused is not None
+    assert torch.equal(fused(x), torch.cat(before, dim=-1))
+    for p, b in zip(parts, before):  # the parts now view the fused weights and give the same outputs
+        assert torch.equal(p(x), b)
+    assert fuse_rows([make(torch.randn(64, 128)), make(torch.randn(64, 64))]) is None  # different inputs

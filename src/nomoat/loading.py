@@ -125,6 +125,16 @@ def build_model(cfg: LlamaConfig, tensors: dict[str, torch.Tensor],
     return model.eval()
 
 
+def _release_freed_memory() -> None:
+    """Hand the loader's freed temporaries back to the OS (glibc keeps them otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def load_tokenizer(ckpt: GGUFModelFile | HFModelDir) -> Tokenizer:
     if isinstance(ckpt, GGUFModelFile):
         return Tokenizer.from_gguf_metadata(ckpt.tokenizer_metadata(), str(ckpt.path))
@@ -190,18 +200,22 @@ def load(path: str | Path | None = None, *, dtype: str = "float32", quant: str =
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, torch.nn.Module] = {}
     types = {n: ckpt.qtype(n) for n in names}
+    emb = "model.embed_tokens.weight"
+    tied_head = quantize and cfg.tie_word_embeddings and "lm_head.weight" not in names
     for n in names:
         if quantize and _is_linear(n):
             modules[n.removesuffix(".weight")], types[n] = _quantized_linear(ckpt, cfg, n, quant)
-        else:
-            tensors[n] = ckpt.load_float(n, cfg).to(torch_dtype)
-    if quantize and cfg.tie_word_embeddings and "lm_head" not in modules:
-        # The tied head is the largest matmul of a small model: give it its own int8 copy.
-        from nomoat.quant import Int8Linear
+            continue
+        w = ckpt.load_float(n, cfg)
+        if n == emb and tied_head:
+            # The tied head is the largest matmul of a small model: give it its own int8 copy,
+            # made from the same dequantized table (dequantizing twice doubles the load's peak memory).
+            from nomoat.quant import Int8Linear
 
-        emb = "model.embed_tokens.weight"
-        modules["lm_head"] = Int8Linear.from_float(ckpt.load_float(emb, cfg))
-        types["lm_head.weight"] = f"{types[emb]} (tied) -> int8 per-channel"
+            modules["lm_head"] = Int8Linear.from_float(w)
+            types["lm_head.weight"] = f"{types[emb]} (tied) -> int8 per-channel"
+        tensors[n] = w.to(torch_dtype)
+        del w
     if cfg.vocab_size != tokenizer.vocab_size and tokenizer.vocab_size > cfg.vocab_size:
         raise NomoatError(f"{ckpt.path}: tokenizer has {tokenizer.vocab_size} tokens, model {cfg.vocab_size}")
     model = build_model(cfg, tensors, modules)
@@ -210,6 +224,7 @@ def load(path: str | Path | None = None, *, dtype: str = "float32", quant: str =
         from nomoat.quant import fuse_rows
 
         fuse_projections(model, fuse_rows)
+    _release_freed_memory()
     return LoadedModel(model=model, tokenizer=tokenizer, config=cfg, source=Path(ckpt.path),
                        source_format="gguf" if isinstance(ckpt, GGUFModelFile) else "hf",
                        load_seconds=time.perf_counter() - t0, weight_types=types, checkpoint=ckpt,

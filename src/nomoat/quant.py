@@ -367,10 +367,16 @@ def fuse_rows(layers: list[nn.Module]) -> nn.Module | None:
         fused = Int4Linear(first.in_features, out, first.group_size)
         fused.qweight = torch.cat([m.qweight for m in layers])
         fused.scales_and_zeros = torch.cat([m.scales_and_zeros for m in layers], dim=1).contiguous()
-        return fused
-    if isinstance(first, Int8Linear):
+    elif isinstance(first, Int8Linear):
         fused = Int8Linear(first.in_features, out)
         fused.qweight = torch.cat([m.qweight for m in layers])
         fused.scales = torch.cat([m.scales for m in layers])
-        return fused
+    else:
+        return None
+    # The parts keep working on row slices of the fused weights (contiguous views): no second copy.
+    start = 0
+    for m in layers:
+        m.qweight = fused.qweight[start:start + m.out_features]
+        start += m.out_features
+    return fused
     return None
