@@ -14,7 +14,6 @@ import torch
 from nomoat.data import Batches, build_dataset, load_examples
 from nomoat.errors import NomoatError
 from nomoat.generate import GenerationConfig, generate_batch
-from nomoat.model import causal_lm_loss
 
 METRICS = ("exact-match", "contains", "perplexity")
 
@@ -118,17 +117,8 @@ def perplexity(lm, path: str | Path, fmt: str = "auto", seq_len: int = 1024, bat
     else:
         examples = load_examples(path, fmt)
         rows = build_dataset(examples, lm.tokenizer, min(seq_len, lm.config.max_position_embeddings))
-    batches = Batches(lm.tokenizer.pad_id)
-    model = lm.model
-    model.eval()
-    total, count = 0.0, 0
-    for s in range(0, len(rows), batch_size):
-        batch = batches.collate(rows[s:s + batch_size])
-        h = model.hidden_states(batch.input_ids)
-        n = int((batch.labels[:, 1:] != -100).sum())
-        total += float(causal_lm_loss(model, h, batch.labels, reduction="sum"))
-        count += n
-        if progress:
-            progress(len(rows[s:s + batch_size]))
+    from nomoat.train.sft import loss_sum
+
+    total, count = loss_sum(lm.model, rows, Batches(lm.tokenizer.pad_id), batch_size, progress)
     loss = total / max(count, 1)
     return PerplexityResult(math.exp(loss), loss, count)

@@ -92,19 +92,28 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def evaluate_loss(model, rows, batches: Batches, batch_size: int) -> float:
-    """Token-weighted mean loss over rows (response tokens only)."""
+def loss_sum(model, rows, batches: Batches, batch_size: int,
+             progress: Callable[[int], None] | None = None) -> tuple[float, int]:
+    """(summed next-token loss, number of loss tokens) over rows, in eval mode."""
     was = model.training
     model.eval()
     total, count = 0.0, 0
     for b in range(0, len(rows), batch_size):
         batch = batches.collate(rows[b:b + batch_size])
-        h = model.hidden_states(batch.input_ids)
         n = int((batch.labels[:, 1:] != -100).sum())
         if n:
+            h = model.hidden_states(batch.input_ids)
             total += float(causal_lm_loss(model, h, batch.labels, reduction="sum"))
             count += n
+        if progress:
+            progress(len(rows[b:b + batch_size]))
     model.train(was)
+    return total, count
+
+
+def evaluate_loss(model, rows, batches: Batches, batch_size: int) -> float:
+    """Token-weighted mean loss over rows (response tokens only)."""
+    total, count = loss_sum(model, rows, batches, batch_size)
     return total / max(count, 1)
 
 
