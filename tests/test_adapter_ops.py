@@ -281,6 +281,10 @@ def test_cli_combine_merge_convert(two, tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     _, t, s, _ = read_peft_dir(tmp_path / "a2")
     assert rel_err(logits(with_adapters([(t, s, 1.0)])), logits(with_adapters([(t1, s1, 1.0)]))) < 1e-6
+    for src in (a, tmp_path / "a.gguf"):  # `adapter info` reads both formats alike
+        r = run(app, ["adapter", "info", str(src), "--model", str(model)])
+        assert r.exit_code == 0, r.output
+        assert f"{sum(v.numel() for v in t1.values()):,}" in r.output
     r = run(app, ["adapter", "merge", "--adapter", str(tmp_path / "a.gguf"), "--adapter", f"{b}:0.5",
                   "--out", str(tmp_path / "m.gguf"), "--type", "f32", "--model", str(model)])
     assert r.exit_code == 0, r.output

@@ -138,12 +138,23 @@ def active_weights(model: torch.nn.Module) -> dict[str, float]:
     return out
 
 
-def adapter_info(path: str | Path) -> dict[str, Any]:
-    """What an adapter is: method, rank, alpha, targets, sizes, provenance."""
+def adapter_info(path: str | Path, model_cfg=None) -> dict[str, Any]:
+    """What an adapter is: method, rank, alpha, targets, sizes, provenance.
+
+    A llama.cpp GGUF adapter needs the base's config (`model_cfg`) to map its tensors.
+    """
     path = Path(path)
-    cfg, tensors, scales, meta = read_peft_dir(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from nomoat.formats.gguf_adapter import read_gguf_adapter
+
+        if model_cfg is None:
+            raise NomoatError(f"{path}: reading a GGUF adapter needs the base model's config")
+        cfg, tensors, scales, meta = read_gguf_adapter(path, model_cfg)
+        size = path.stat().st_size
+    else:
+        cfg, tensors, scales, meta = read_peft_dir(path)
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     n_params = sum(t.numel() for t in tensors.values())
-    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     return {"path": str(path), "method": "LoRA" + (" (rsLoRA)" if cfg.rslora else ""), "rank": cfg.r,
             "alpha": cfg.alpha, "targets": cfg.targets, "modules": len(scales), "parameters": n_params,
             "bytes": size, "meta": meta}

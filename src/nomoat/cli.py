@@ -434,15 +434,15 @@ app.add_typer(adapter_app, name="adapter")
 
 
 @adapter_app.command("info")
-def adapter_info_cmd(path: Annotated[Path, typer.Argument(help="Adapter directory.")],
+def adapter_info_cmd(path: Annotated[Path, typer.Argument(help="Adapter: PEFT directory or llama.cpp GGUF adapter.")],
                      model: ModelOpt = None) -> None:
     """Method, rank, alpha, targets, parameter count, size, ratio to the base, base fingerprint, provenance."""
     from nomoat.adapters import adapter_info
     from nomoat.loading import open_checkpoint
 
-    info = adapter_info(path)
-    meta = info["meta"]
     ckpt = open_checkpoint(model)
+    info = adapter_info(path, ckpt.config())
+    meta = info["meta"]
     base_bytes = Path(ckpt.path).stat().st_size if Path(ckpt.path).is_file() else \
         sum(f.stat().st_size for f in Path(ckpt.path).iterdir())
     base_params = ckpt.config().num_parameters()
