@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -26,6 +25,7 @@ from nomoat import __version__
 from nomoat.config import LlamaConfig
 from nomoat.errors import NomoatError
 from nomoat.formats.gguf_read import check_header, gguf_to_hf_name, hf_to_gguf_name, qk_permute_rows, qk_row_order
+from nomoat.formats.gguf_write import atomic_gguf_writer
 from nomoat.lora import LoraConfig
 
 ADAPTER_DTYPES = ("f32", "f16", "q8_0")
@@ -162,9 +162,7 @@ def write_gguf_adapter(path: str | Path, cfg: LoraConfig, tensors: dict[str, tor
     record_cfg = all(cfg.rank_for(m) == ranks[m] and math.isclose(cfg.scale_for(m), scales[m], rel_tol=1e-9)
                      for m in mods)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    w = gguf.GGUFWriter(str(tmp), "llama")
-    try:
+    with atomic_gguf_writer(path) as w:
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
@@ -198,12 +196,6 @@ def write_gguf_adapter(path: str | Path, cfg: LoraConfig, tensors: dict[str, tor
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -11,7 +11,8 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,22 @@ def _rope_freq_factors(cfg: LlamaConfig) -> np.ndarray | None:
     plain = dataclasses.replace(cfg, rope_scaling=None, extra={})
     return (rope_inv_freq(plain) / rope_inv_freq(scaled)).numpy().astype(np.float32)
 
+@contextmanager
+def atomic_gguf_writer(path: Path, arch: str = "llama") -> Iterator[Any]:
+    """A gguf.GGUFWriter on a temp file that replaces `path` only once fully written."""
+    import gguf
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    w = gguf.GGUFWriter(str(tmp), arch)
+    try:
+        yield w
+        w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
 
 def write_gguf_model(path: str | Path, cfg: LlamaConfig, tensors: Mapping[str, torch.Tensor], tokenizer: Any,
                      ftype: str = "f16", tokenizer_metadata: Mapping[str, Any] | None = None,
@@ -221,9 +238,7 @@ def write_gguf_model(path: str | Path, cfg: LlamaConfig, tensors: Mapping[str, t
         raise NomoatError(f"{path}: rope_scaling type {rope_kind!r} cannot be written to GGUF")
     tok_meta = tokenizer_gguf_metadata(tokenizer, cfg.vocab_size, tokenizer_metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    w = gguf.GGUFWriter(str(tmp), "llama")
-    try:
+    with atomic_gguf_writer(path) as w:
         w.add_type(gguf.GGUFType.MODEL)
         w.add_name(cfg.name or path.stem)
         w.add_file_type(_FILE_TYPE[ftype])
@@ -282,10 +297,4 @@ def write_gguf_model(path: str | Path, cfg: LlamaConfig, tensors: Mapping[str, t
             elif qtype != gguf.GGMLQuantizationType.F32:
                 a = gguf.quants.quantize(a, qtype)
             w.write_tensor_data(a)
-        w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
     return path
