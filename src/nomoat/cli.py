@@ -88,18 +88,12 @@ def _print_stats(lm, st) -> None:
 def _plan_text(ckpt) -> str:
     from collections import Counter
 
-    from nomoat.loading import _is_linear, quant_plan
+    from nomoat.loading import _is_linear, linear_kind, quant_plan
 
     if not quant_plan(ckpt, "auto"):
         return "float weights (bf16/fp32 matmuls)"
-    kinds: Counter[str] = Counter()
-    for n in ckpt.hf_names():
-        if _is_linear(n):
-            q = ckpt.qtype(n)
-            kinds[f"{q} -> int4 g32 (exact codes)" if q in ("Q4_0", "Q4_1") else
-                  f"{q} -> int4 g32 (requantized)" if q in ("Q4_K", "Q3_K", "Q2_K") else
-                  f"{q} -> int8 per-channel"] += 1
-    if ckpt.config().tie_word_embeddings:
+    kinds: Counter[str] = Counter(linear_kind(ckpt, n, "auto") for n in ckpt.hf_names() if _is_linear(n))
+    if ckpt.config().tie_word_embeddings and "lm_head.weight" not in ckpt.hf_names():
         kinds["tied head -> int8 per-channel"] += 1
     return ", ".join(f"{k} x{v}" for k, v in kinds.most_common())
 

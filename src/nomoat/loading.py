@@ -94,7 +94,7 @@ def _skip_init():
 
 def build_model(cfg: LlamaConfig, tensors: dict[str, torch.Tensor],
                 modules: dict[str, torch.nn.Module] | None = None) -> LlamaForCausalLM:
-    """Instantiate without random init (meta device), then adopt the given tensors.
+    """Instantiate without random init, then adopt the given tensors.
 
     `modules` replaces whole submodules (e.g. quantized linears) by qualified name.
     """
@@ -145,27 +145,39 @@ def _is_linear(name: str) -> bool:
     return name.endswith("_proj.weight") or name == "lm_head.weight"
 
 
-def _quantized_linear(ckpt, cfg: LlamaConfig, name: str, mode: str) -> tuple[torch.nn.Module, str]:
-    """The quantized layer for one weight, and how it was made (for `nomoat info`).
+def linear_kind(ckpt, name: str, mode: str) -> str:
+    """How `load` runs one linear weight under `mode` (q4/q8/auto), as `nomoat info` prints it.
 
     GGUF Q4_0/Q4_1 blocks become int4 groups of 32 exactly (codes kept, scales to bf16); other
     quantized types are requantized to the nearest supported form: Q8_0 and 5/6-bit types to int8
     per channel, 4-bit k-quants and float weights to int4 g32 (q4) or int8 (q8).
     """
-    from nomoat.quant import Int4Linear, Int8Linear, q4_blocks_to_codes
-
     qtype = ckpt.qtype(name)
     if mode in ("auto", "q4") and qtype in ("Q4_0", "Q4_1") and isinstance(ckpt, GGUFModelFile):
+        return f"{qtype} -> int4 g32 (exact codes)"
+    out_f, in_f = ckpt.shape(name)
+    wants_int4 = mode == "q4" or (mode == "auto" and qtype in ("Q4_K", "Q3_K", "Q2_K"))
+    if wants_int4 and in_f % 32 == 0 and out_f % 16 == 0:
+        return f"{qtype} -> int4 g32 (requantized)"
+    return f"{qtype} -> int8 per-channel" + ("" if qtype == "Q8_0" else " (requantized)")
+
+
+def _quantized_linear(ckpt, cfg: LlamaConfig, name: str, mode: str) -> tuple[torch.nn.Module, str]:
+    """The quantized layer for one weight, made as `linear_kind` says."""
+    from nomoat.quant import Int4Linear, Int8Linear, q4_blocks_to_codes
+
+    kind = linear_kind(ckpt, name, mode)
+    if kind.endswith("(exact codes)"):
+        qtype = ckpt.qtype(name)
         codes, scale, offset = q4_blocks_to_codes(ckpt.tensors[ckpt.hf_names()[name]].data, qtype)
         order = ckpt.row_order(name, cfg)
         if order is not None:
             codes, scale, offset = codes[order], scale[order], offset[order]
-        return Int4Linear.from_codes(codes, scale, offset), f"{qtype} -> int4 g32 (exact codes)"
+        return Int4Linear.from_codes(codes, scale, offset), kind
     w = ckpt.load_float(name, cfg)
-    wants_int4 = mode == "q4" or (mode == "auto" and qtype in ("Q4_K", "Q3_K", "Q2_K"))
-    if wants_int4 and w.shape[1] % 32 == 0 and w.shape[0] % 16 == 0:
-        return Int4Linear.from_float(w, group_size=32), f"{qtype} -> int4 g32 (requantized)"
-    return Int8Linear.from_float(w), f"{qtype} -> int8 per-channel" + ("" if qtype == "Q8_0" else " (requantized)")
+    if "int4" in kind:
+        return Int4Linear.from_float(w, group_size=32), kind
+    return Int8Linear.from_float(w), kind
 
 
 def quant_plan(ckpt, mode: str) -> bool:

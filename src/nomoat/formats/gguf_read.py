@@ -290,6 +290,10 @@ class GGUFModelFile:
         order = self.row_order(hf_name, cfg)
         return w[order].contiguous() if order is not None else w
 
+    def shape(self, hf_name: str) -> tuple[int, ...]:
+        """The tensor's shape in the model's (row-major, HF) order, read from the header alone."""
+        return tuple(int(d) for d in reversed(self.tensors[self.hf_names()[hf_name]].shape.tolist()))
+
     def qtype(self, hf_name: str) -> str:
         return self.tensors[self.hf_names()[hf_name]].tensor_type.name
 

@@ -93,6 +93,10 @@ class HFModelDir:
         except Exception as e:
             raise NomoatError(f"{path}: cannot read tensor {name} ({e})") from None
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            return tuple(f.get_slice(name).get_shape())
+
     def qtype(self, name: str) -> str:
         with safe_open(str(self.files[name]), framework="pt") as f:
             return str(f.get_slice(name).get_dtype())

@@ -229,16 +229,18 @@ def finetune(lm, cfg: TrainConfig, resume: bool = False, overwrite: bool = False
 
     model.train()
     t_start = time.perf_counter()
-    val_loss = history[-1].get("val_loss") if history else None
     interrupted = False
+    epoch_iter: tuple[int, Any] = (-1, None)  # one batch iterator per epoch: its shuffle is computed once
     try:
         while step < total_steps:
-            epoch, b_idx = divmod(micro, per_epoch)
             t0 = time.perf_counter()
             step_loss, step_tokens = 0.0, 0
             for g in range(cfg.grad_accum):
                 epoch, b_idx = divmod(micro + g, per_epoch)
-                batch = next(batches.iter_batches(train_rows, cfg.batch_size, cfg.seed, epoch, start=b_idx))
+                if epoch_iter[0] != epoch:
+                    epoch_iter = (epoch, batches.iter_batches(train_rows, cfg.batch_size, cfg.seed, epoch,
+                                                              start=b_idx))
+                batch = next(epoch_iter[1])
                 n_tok = int(batch.attention_mask.sum())
                 h = model.hidden_states(batch.input_ids)
                 loss = causal_lm_loss(model, h, batch.labels)
