@@ -29,15 +29,19 @@ if not Path(CHROMIUM).exists():
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 
 
+LONG = 6000  # tokens the stop test asks for
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    lm = make_tiny_lm(seed=3, max_position_embeddings=1024)
+    # A long context, so that a generation the stop button must cut lasts seconds, not a fraction of one.
+    lm = make_tiny_lm(seed=3, max_position_embeddings=LONG + 128)
     add_adapter(lm.model, LoraConfig(r=4, alpha=8, targets="q,v"), name="pirate")
     g = torch.Generator().manual_seed(1)
     for _, mod in lora_modules(lm.model):
         with torch.no_grad():
             mod.lora_B["pirate"].copy_(0.5 * torch.randn(mod.lora_B["pirate"].shape, generator=g))
-    app = create_app(lm, "tiny", {"pirate": 1.0}, ServerSettings(max_tokens_limit=900))
+    app = create_app(lm, "tiny", {"pirate": 1.0}, ServerSettings(max_tokens_limit=LONG))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -122,14 +126,14 @@ def test_chat_page_streams(server: str, browser, tmp_path: Path) -> None:
 
 def test_stop_button(server: str, browser) -> None:
     prompt = [{"role": "user", "content": "Go on forever."}]
-    assert greedy(server, "tiny", prompt, 900)["choices"][0]["finish_reason"] == "length"
+    assert greedy(server, "tiny", prompt, LONG)["choices"][0]["finish_reason"] == "length"
     before = httpx.get(server + "/health").json()["cancelled"]
     page = browser.new_page()
     page.goto(server + "/")
     page.wait_for_function("document.querySelectorAll('#model option').length === 2")
     page.select_option("#model", "tiny")
     page.fill("#temperature", "0")
-    page.fill("#max-tokens", "900")
+    page.fill("#max-tokens", str(LONG))
     page.fill("#input", prompt[0]["content"])
     page.click("#send")
     page.wait_for_function("(document.querySelector('.msg.assistant .text') || {}).textContent")
