@@ -24,12 +24,13 @@ from pathlib import Path
 
 import torch
 
-from nomoat.adapter_ops import combine, export_model, merge_to_model, update_retention
-from nomoat.adapters import load_adapter
-from nomoat.evaluate import load_task, perplexity, task_accuracy
+from nomoat.adapters import load_adapter, merge_to_model, update_retention
+from nomoat.eval import load_task, perplexity, task_accuracy
+from nomoat.formats.export import export_model
 from nomoat.formats.gguf_adapter import write_gguf_adapter
 from nomoat.formats.peft import read_peft_dir
-from nomoat.loading import default_model_path, load
+from nomoat.lora.combine import combine
+from nomoat.runtime.loading import default_model_path, load
 from nomoat.skills import write_skill_data
 
 

@@ -33,8 +33,8 @@ def run_nomoat(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     import torch
 
-    from nomoat.generate import GenerationConfig, GenerationStats, generate_batch, stream
-    from nomoat.loading import load
+    from nomoat.runtime.generate import GenerationConfig, GenerationStats, generate_batch, stream
+    from nomoat.runtime.loading import load
 
     torch.set_num_threads(args.threads)
     t1 = time.perf_counter()
@@ -68,7 +68,7 @@ def run_transformers(args: argparse.Namespace) -> dict:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
-    from nomoat.loading import default_model_path
+    from nomoat.runtime.loading import default_model_path
 
     path = default_model_path() if args.model is None else Path(args.model)
     t1 = time.perf_counter()

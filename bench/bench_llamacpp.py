@@ -25,7 +25,7 @@ NOMOAT_SIDE = r"""
 import json, resource, sys, time, torch
 threads, n_prompt, n_decode, quant = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 t0 = time.perf_counter()
-from nomoat.loading import load
+from nomoat.runtime.loading import load
 from nomoat.model import KVCache
 lm = load(quant=quant, threads=threads)
 load_s = time.perf_counter() - t0
@@ -89,7 +89,7 @@ def side(python: str, code: str, *args: str) -> dict:
 
 
 def main() -> None:
-    from nomoat.loading import default_model_path
+    from nomoat.runtime.loading import default_model_path
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-python", default="../bench-venv/bin/python",

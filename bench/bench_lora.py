@@ -57,7 +57,7 @@ def write_data(directory: Path) -> Path:
 def batches(model: str | None, data: Path, train_on_prompt: bool, n: int) -> list[dict[str, list]]:
     """The first n batches exactly as `finetune` builds them (pack, no validation split, epoch 0)."""
     from nomoat.data import Batches, build_dataset, load_examples, split_validation
-    from nomoat.loading import load_tokenizer, open_checkpoint
+    from nomoat.runtime.loading import load_tokenizer, open_checkpoint
 
     tok = load_tokenizer(open_checkpoint(model))
     rows = build_dataset(load_examples(data), tok, SEQ, train_on_prompt, pack=True)
@@ -72,7 +72,7 @@ def batches(model: str | None, data: Path, train_on_prompt: bool, n: int) -> lis
 def run_nomoat(args: argparse.Namespace, dtype: str, train_on_prompt: bool) -> dict:
     import torch
 
-    from nomoat.loading import load
+    from nomoat.runtime.loading import load
     from nomoat.train.sft import StepInfo, TrainConfig, finetune
 
     torch.set_num_threads(args.threads)
@@ -112,7 +112,7 @@ def run_peft(args: argparse.Namespace) -> dict:
     torch.manual_seed(SEED)
     data = json.loads(Path(args.batches).read_text())
     if args.model is None:
-        from nomoat.loading import default_model_path
+        from nomoat.runtime.loading import default_model_path
 
         path = default_model_path()
     else:

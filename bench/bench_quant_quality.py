@@ -16,8 +16,8 @@ import torch
 
 
 def main() -> None:
-    from nomoat.evaluate import perplexity
-    from nomoat.loading import load
+    from nomoat.eval import perplexity
+    from nomoat.runtime.loading import load
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(Path(__file__).parent / "data" / "heldout.txt"))

@@ -28,8 +28,8 @@ import httpx
 import torch
 
 from nomoat.formats.peft import write_peft_dir
-from nomoat.loading import open_checkpoint
 from nomoat.lora import LoraConfig
+from nomoat.runtime.loading import open_checkpoint
 
 PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a bicycle works.",
            "Describe a day at the beach.", "Give advice to a new gardener."]
@@ -168,8 +168,8 @@ def rss_mib() -> float:
 def memory(adapters: list[Path], threads: int) -> None:
     """RSS of an in-process server with the base alone, 1 adapter and 5 adapters, each after serving requests."""
     from nomoat.adapters import load_adapter
-    from nomoat.loading import load
     from nomoat.lora import adapter_names
+    from nomoat.runtime.loading import load
     from nomoat.serve import create_app, make_server
 
     lm = load(None, quant="auto", threads=threads)

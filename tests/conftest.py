@@ -19,11 +19,12 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from nomoat.config import LlamaConfig
 from nomoat.errors import NomoatError
-from nomoat.loading import LoadedModel, build_model, default_model_path, load
+from nomoat.formats.hf import config_to_hf
+from nomoat.formats.tokenizer import Tokenizer
 from nomoat.model import LlamaForCausalLM
-from nomoat.tokenizer import Tokenizer
+from nomoat.model.config import LlamaConfig
+from nomoat.runtime.loading import LoadedModel, build_model, default_model_path, load
 
 # SmolLM2's layout: <|endoftext|> 0, <|im_start|> 1 (BOS), <|im_end|> 2 (EOS and padding).
 # The test machines' few cores are shared: with more threads than free cores, OpenMP's spinning workers
@@ -80,7 +81,7 @@ def make_tiny_lm(seed: int = 0, tie: bool = True, **overrides: Any) -> LoadedMod
     `overrides` are LlamaConfig fields (e.g. num_key_value_heads=4, max_position_embeddings=64,
     rope_scaling={...}). Weights come from a private generator seeded with `seed`, scaled so the
     logits are neither flat nor one-hot; norm weights are jittered around 1 so that mixing them up is
-    visible. The model is built like `nomoat.loading.load` builds it (eval mode, no gradients).
+    visible. The model is built like `nomoat.runtime.loading.load` builds it (eval mode, no gradients).
     """
     cfg = tiny_config(tie, **overrides)
     g = torch.Generator().manual_seed(seed)
@@ -107,7 +108,7 @@ def hf_twin(lm: LoadedModel):
     """The same weights in transformers' LlamaForCausalLM (float32, eager build, no file)."""
     import transformers
 
-    hf_cfg = transformers.LlamaConfig(**lm.config.to_hf_dict())
+    hf_cfg = transformers.LlamaConfig(**config_to_hf(lm.config))
     hf = transformers.LlamaForCausalLM(hf_cfg).float().eval()
     sd = {k: v.float() for k, v in lm.model.state_dict().items()}
     missing, unexpected = hf.load_state_dict(sd, strict=False)
@@ -187,8 +188,9 @@ def gguf_permute(w: np.ndarray, n_head: int) -> np.ndarray:
             .reshape(w.shape))
 
 
-def write_tiny_gguf(lm: LoadedModel, path: Path, arch: str = "llama") -> Path:
-    """Write a (tiny) model as an F32 GGUF the way llama.cpp's converter lays it out."""
+def write_tiny_gguf(lm: LoadedModel, path: Path, arch: str = "llama",
+                    extra: dict[str, np.ndarray] | None = None) -> Path:
+    """Write a (tiny) model as an F32 GGUF the way llama.cpp's converter lays it out (plus `extra` tensors)."""
     import gguf
 
     from nomoat.formats.gguf_read import hf_to_gguf_name
@@ -228,6 +230,8 @@ def write_tiny_gguf(lm: LoadedModel, path: Path, arch: str = "llama") -> Path:
         elif name.endswith("k_proj.weight"):
             a = gguf_permute(a, cfg.num_key_value_heads)
         w.add_tensor(hf_to_gguf_name(name), np.ascontiguousarray(a))
+    for name, a in (extra or {}).items():
+        w.add_tensor(name, a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

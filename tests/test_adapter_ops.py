@@ -10,21 +10,14 @@ import torch
 from conftest import make_tiny_lm, rel_err, write_tiny_gguf
 from typer.testing import CliRunner
 
-from nomoat.adapter_ops import (
-    combine,
-    combine_files,
-    combined_config,
-    export_model,
-    merge_files,
-    merge_to_model,
-    model_tensors,
-    update_retention,
-)
+from nomoat.adapters import combine_files, merge_files, merge_to_model, update_retention
 from nomoat.errors import NomoatError
-from nomoat.formats.gguf_adapter import linear_shape
+from nomoat.formats.export import export_model, model_tensors
 from nomoat.formats.peft import read_peft_dir, write_peft_dir
-from nomoat.loading import load
 from nomoat.lora import ALL_LINEAR, LoraConfig, load_adapter_weights, set_active, unmerge_adapters
+from nomoat.lora.combine import combine, combined_config
+from nomoat.model.registry import LLAMA
+from nomoat.runtime.loading import load
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 200, 31]])
 
@@ -38,7 +31,7 @@ def random_adapter(cfg: LoraConfig, model_cfg, seed: int, b_std: float = 0.05
         for leaf in cfg.targets:
             part = "self_attn" if leaf in ALL_LINEAR[:4] else "mlp"
             mod = f"model.layers.{i}.{part}.{leaf}"
-            out_f, in_f = linear_shape(mod, model_cfg)
+            out_f, in_f = LLAMA.linear_shape(mod, model_cfg)
             r = cfg.rank_for(mod)
             tensors[f"{mod}.lora_A.weight"] = torch.randn(r, in_f, generator=g) / math.sqrt(in_f)
             tensors[f"{mod}.lora_B.weight"] = torch.randn(out_f, r, generator=g) * b_std

@@ -9,11 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from conftest import make_tiny_lm, write_tiny_gguf
+from safetensors.torch import load_file, save_file
 
 from nomoat.api import convert_to_hf
 from nomoat.cli import main
+from nomoat.formats.hf import config_to_hf
 
 
 def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
@@ -52,11 +56,17 @@ def bad_files(tmp_path_factory) -> dict[str, tuple[Path, str]]:
     (d / "badjson").mkdir()
     (d / "badjson" / "config.json").write_text("{not json")
     (d / "pickle").mkdir()
-    (d / "pickle" / "config.json").write_text(json.dumps(tiny.config.to_hf_dict()))
+    (d / "pickle" / "config.json").write_text(json.dumps(config_to_hf(tiny.config)))
     (d / "pickle" / "pytorch_model.bin").write_bytes(b"\x80\x04K.")
     gpt2_dir = convert_to_hf(tiny, d / "gpt2-hf")
     cfg = json.loads((gpt2_dir / "config.json").read_text())
     (gpt2_dir / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2", "architectures": ["GPT2"]}))
+    extra_dir = convert_to_hf(tiny, d / "extra-hf")
+    tensors = load_file(str(extra_dir / "model.safetensors"))
+    save_file({**tensors, "model.layers.0.mlp.extra_proj.weight": torch.zeros(4, 4)},
+              str(extra_dir / "model.safetensors"))
+    extra_gguf = write_tiny_gguf(tiny, d / "extra.gguf", extra={"blk.0.attn_extra.weight": np.zeros((4, 4),
+                                                                                                  np.float32)})
     return {
         "missing": (d / "no-such-model.gguf", "no such file"),
         "not-gguf": (d / "text.gguf", "not a GGUF file"),
@@ -68,11 +78,14 @@ def bad_files(tmp_path_factory) -> dict[str, tuple[Path, str]]:
         "bad-json": (d / "badjson", "config.json"),
         "pickle-only": (d / "pickle", "pickle"),
         "hf-gpt2": (gpt2_dir, "model_type 'gpt2'"),
+        "hf-unknown-tensor": (extra_dir, "model.layers.0.mlp.extra_proj.weight"),
+        "gguf-unknown-tensor": (extra_gguf, "blk.0.attn_extra.weight"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing", "not-gguf", "empty", "absurd-counts", "arch-gpt2",
-                                  "cut-tensor-data", "no-config", "bad-json", "pickle-only", "hf-gpt2"])
+                                  "cut-tensor-data", "no-config", "bad-json", "pickle-only", "hf-gpt2",
+                                  "hf-unknown-tensor", "gguf-unknown-tensor"])
 @pytest.mark.parametrize("command", ["generate", "info"])
 def test_bad_model_file(bad_files, monkeypatch, capsys, case: str, command: str) -> None:
     path, why = bad_files[case]

@@ -15,7 +15,7 @@ from nomoat.api import convert_to_hf
 from nomoat.cli import app
 from nomoat.errors import NomoatError
 from nomoat.formats import hf as hf_format
-from nomoat.loading import load
+from nomoat.runtime.loading import load
 
 TEXTS = ["The capital of France is", "def f(x):\n    return x  *  2\n", "数学 🎉 12345 and 3.14159",
          "<|im_start|>user\nhi<|im_end|>\n"]

@@ -20,9 +20,9 @@ from conftest import rel_err
 from nomoat.adapters import load_adapter
 from nomoat.api import prompt_ids
 from nomoat.demo import run_demo
-from nomoat.evaluate import load_task
-from nomoat.generate import GenerationConfig, generate_batch
+from nomoat.eval import load_task
 from nomoat.lora import strip_lora
+from nomoat.runtime.generate import GenerationConfig, generate_batch
 
 pytestmark = pytest.mark.slow
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

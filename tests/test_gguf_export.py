@@ -12,15 +12,15 @@ import torch
 from conftest import gguf_permute, hf_twin, make_tiny_lm, rel_err, write_tiny_gguf
 from test_adapter_ops import IDS, logits, random_adapter, with_adapters
 
-from nomoat.adapter_ops import convert_adapter, export_model, merge_to_model
-from nomoat.adapters import load_adapter
+from nomoat.adapters import convert_adapter, load_adapter, merge_to_model
 from nomoat.errors import NomoatError
+from nomoat.formats.export import export_model
 from nomoat.formats.gguf_adapter import read_gguf_adapter, write_gguf_adapter
 from nomoat.formats.gguf_read import GGUFModelFile, hf_to_gguf_name
 from nomoat.formats.hf import write_hf_dir
 from nomoat.formats.peft import read_peft_dir, write_peft_dir
-from nomoat.loading import load
 from nomoat.lora import LoraConfig
+from nomoat.runtime.loading import load
 
 TEXTS = ["Hello world! 12345", "def add(a, b):\n    return a + b", "<|im_start|>user\nhi<|im_end|>\n", "ünïcode ✓"]
 

@@ -11,7 +11,7 @@ import torch
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
 
-from nomoat.loading import default_model_path, load  # noqa: E402
+from nomoat.runtime.loading import default_model_path, load  # noqa: E402
 
 PROMPTS = [
     "What is the capital of France?",

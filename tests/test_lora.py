@@ -16,7 +16,6 @@ from nomoat.adapters import base_fingerprint, fingerprint_tensors, load_adapter,
 from nomoat.api import convert_to_hf
 from nomoat.errors import NomoatError
 from nomoat.formats.peft import PEFT_PREFIX, read_peft_dir, write_peft_dir
-from nomoat.loading import LoadedModel, load
 from nomoat.lora import (
     ALL_LINEAR,
     LoraConfig,
@@ -30,6 +29,7 @@ from nomoat.lora import (
     set_active,
     unmerge_adapters,
 )
+from nomoat.runtime.loading import LoadedModel, load
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 peft = pytest.importorskip("peft")

@@ -13,10 +13,11 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from nomoat.api import generate, generate_stream
 from nomoat.formats.gguf_read import qk_permute_rows, qk_row_order
-from nomoat.generate import GenerationConfig, generate_batch
-from nomoat.loading import load
+from nomoat.formats.hf import config_to_hf
 from nomoat.model import KVCache
 from nomoat.model.llama import rope_inv_freq
+from nomoat.runtime.generate import GenerationConfig, generate_batch
+from nomoat.runtime.loading import load
 
 GREEDY = GenerationConfig(max_new_tokens=24, temperature=0.0)
 PROMPT = "The quick brown fox"
@@ -71,7 +72,7 @@ def test_left_padded_batch_equals_unpadded() -> None:
 
 
 def _hf_inv_freq(cfg, kind: str) -> torch.Tensor:
-    return ROPE_INIT_FUNCTIONS[kind](transformers.LlamaConfig(**cfg.to_hf_dict()), "cpu")[0]
+    return ROPE_INIT_FUNCTIONS[kind](transformers.LlamaConfig(**config_to_hf(cfg)), "cpu")[0]
 
 
 @pytest.mark.parametrize("hidden,heads,theta,scaling", [

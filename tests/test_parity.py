@@ -7,7 +7,7 @@ import torch
 from conftest import rel_err
 
 from nomoat.api import prompt_ids
-from nomoat.generate import GenerationConfig, generate_batch, stream
+from nomoat.runtime.generate import GenerationConfig, generate_batch, stream
 
 pytestmark = pytest.mark.slow
 

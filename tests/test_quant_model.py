@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from nomoat.formats.gguf_read import GGUFModelFile
-from nomoat.loading import default_model_path, load
 from nomoat.quant import Int4Linear, Int8Linear
+from nomoat.runtime.loading import default_model_path, load
 
 TEXT = ("The river winds through the valley, carrying snow-melt from the mountains to the sea. "
         "Along its banks, farmers grow wheat and barley, and in the evenings children fish from the old "
@@ -58,7 +58,7 @@ def test_quantized_model_follows_float_greedy_continuations(q4_lm):
     """Teacher-forced on the float model's greedy answers, the int4 model predicts the same next
     token almost everywhere (free-running greedy text may fork at the first near-tie and never rejoin)."""
     from nomoat.api import prompt_ids
-    from nomoat.generate import GenerationConfig, generate_batch
+    from nomoat.runtime.generate import GenerationConfig, generate_batch
 
     ref_lm = load(quant="none")
     prompts = ["What is the capital of France?", "Name three colours.", "Explain rain to a child."]

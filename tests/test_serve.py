@@ -22,9 +22,9 @@ from conftest import make_tiny_lm
 
 from nomoat.adapters import load_adapter, save_adapter
 from nomoat.api import convert_to_hf, prompt_ids
-from nomoat.generate import GenerationConfig, GenerationStats, stream
-from nomoat.loading import LoadedModel, load
 from nomoat.lora import LoraConfig, add_adapter, lora_modules, remove_adapter, set_active, strip_lora
+from nomoat.runtime.generate import GenerationConfig, GenerationStats, stream
+from nomoat.runtime.loading import LoadedModel, load
 from nomoat.serve import ServerSettings, create_app, make_server
 from nomoat.serve.engine import Engine, Job
 

@@ -20,7 +20,7 @@ import re
 import pytest
 from tokenizers import pre_tokenizers
 
-from nomoat.tokenizer import _byte_alphabet
+from nomoat.formats.tokenizer import _byte_alphabet
 
 pytestmark = pytest.mark.slow
 

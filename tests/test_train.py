@@ -16,8 +16,8 @@ from nomoat.api import convert_to_hf
 from nomoat.cli import main
 from nomoat.data import IGNORE_INDEX, Batches, Example, build_dataset
 from nomoat.errors import NomoatError
-from nomoat.loading import load
 from nomoat.model import causal_lm_loss
+from nomoat.runtime.loading import load
 from nomoat.skills import date_examples
 from nomoat.train.sft import StepInfo, TrainConfig, finetune
 

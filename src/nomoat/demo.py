@@ -9,15 +9,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from nomoat.evaluate import load_task, task_accuracy
-from nomoat.lora import set_active
+from nomoat.eval import load_task, task_accuracy
+from nomoat.lora import active_weights, set_active
 from nomoat.skills import write_skill_data
 
 
 def run_demo(out_dir: Path, steps: int = 60, threads: int | None = None, console: Console | None = None,
              err_console: Console | None = None, run_training=None) -> dict:
-    from nomoat.adapters import active_weights
-    from nomoat.loading import load
+    from nomoat.runtime.loading import load
     from nomoat.train.sft import TrainConfig, finetune
 
     console = console or Console()
@@ -29,15 +28,17 @@ def run_demo(out_dir: Path, steps: int = 60, threads: int | None = None, console
     console.print(f"[bold]skill:[/bold] spelled-out dates -> ISO 8601 (e.g. {records[0].prompt.splitlines()[-1]!r} "
                   f"-> {records[0].expected!r}); {sum(1 for _ in open(train_path))} training examples, "
                   f"{len(records)} held-out tests in {out_dir / 'data'}")
+    cfg = TrainConfig(data=str(train_path), out=str(out_dir / "adapter"), max_steps=steps, batch_size=8, lr=5e-4,
+                      rank=8, alpha=16, targets=["all-linear"], eval_every=max(10, steps // 3),
+                      save_every=max(10, steps // 3), val_fraction=0.05)
     with err.status("loading the default model..."):
-        lm = load(dtype="bfloat16", threads=threads)
+        lm = load(dtype=cfg.base_dtype(), threads=threads, quant="none")
+    console.print(f"[dim]{lm.cpu.threads} threads, base weights {cfg.base_dtype()} "
+                  f"({lm.cpu.reasons['train dtype'].split(': ', 1)[-1]})[/dim]")
     with err.status("measuring the base model..."):
         before = task_accuracy(lm, records, "exact-match", max_new_tokens=24)
     console.print(f"base model: {100 * before.accuracy:.0f}% exact match")
     adapter_dir = out_dir / "adapter"
-    cfg = TrainConfig(data=str(train_path), out=str(adapter_dir), max_steps=steps, batch_size=8, lr=5e-4,
-                      rank=8, alpha=16, targets=["all-linear"], eval_every=max(10, steps // 3),
-                      save_every=max(10, steps // 3), val_fraction=0.05)
     t0 = time.perf_counter()
 
     def train(on_step, say):

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,96 +20,21 @@ import numpy as np
 import torch
 
 from nomoat import __version__
-from nomoat.config import LlamaConfig
 from nomoat.errors import NomoatError
-from nomoat.formats.gguf_read import check_header, gguf_to_hf_name, hf_to_gguf_name, qk_permute_rows, qk_row_order
+from nomoat.formats.gguf_read import check_header, qk_permute_rows, qk_row_order
 from nomoat.formats.gguf_write import atomic_gguf_writer
 from nomoat.lora import LoraConfig
+from nomoat.lora.tensors import check_lora_pair, check_lora_shapes, common_pair, lora_config_for, lora_modules_of
+from nomoat.model.config import LlamaConfig
+from nomoat.model.registry import architecture
 
 ADAPTER_DTYPES = ("f32", "f16", "q8_0")
 _READ_TYPES = {"F32", "F16", "BF16", "Q8_0"}
-_MODULE = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)$")
 _FOLD_TOL = 1e-6  # a fold factor this close to 1 is 1: alpha is stored as F32 anyway
 
 
-def linear_shape(module: str, cfg: LlamaConfig) -> tuple[int, int] | None:
-    """(out, in) of a LoRA-targetable projection such as ``model.layers.3.self_attn.q_proj``, else None."""
-    m = _MODULE.match(module)
-    if not m or int(m.group(1)) >= cfg.num_hidden_layers:
-        return None
-    h, f = cfg.hidden_size, cfg.intermediate_size
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    leaf = m.group(2).rsplit(".", 1)[1]
-    return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-            "gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f)}[leaf]
-
-
-def qk_heads(module: str, cfg: LlamaConfig) -> int | None:
-    """The head count llama.cpp permutes this module's output rows by (q: heads, k: KV heads), else None."""
-    if module.endswith("self_attn.q_proj"):
-        return cfg.num_attention_heads
-    if module.endswith("self_attn.k_proj"):
-        return cfg.num_key_value_heads
-    return None
-
-
-def lora_modules_of(tensors: dict[str, torch.Tensor], source: str) -> list[str]:
-    """Module paths of '<module>.lora_A.weight' / '.lora_B.weight' tensors, each with both halves."""
-    mods: list[str] = []
-    for key in tensors:
-        if not key.endswith((".lora_A.weight", ".lora_B.weight")):
-            raise NomoatError(f"{source}: unexpected tensor {key!r} (expected <module>.lora_A/.lora_B.weight)")
-        mod = key.rsplit(".", 2)[0]
-        if mod not in mods:
-            mods.append(mod)
-    for mod in mods:
-        if f"{mod}.lora_A.weight" not in tensors or f"{mod}.lora_B.weight" not in tensors:
-            raise NomoatError(f"{source}: {mod} has lora_A or lora_B missing")
-    return mods
-
-
-def check_lora_pair(mod: str, A: torch.Tensor, B: torch.Tensor, shape: tuple[int, int] | None,
-                    source: str) -> int:
-    """Validate one module's A [r, in] and B [out, r] against the layer (out, in); returns r."""
-    if shape is None:
-        raise NomoatError(f"{source}: adapter targets {mod!r}, which the model does not have")
-    out_f, in_f = shape
-    if A.ndim != 2 or B.ndim != 2 or A.shape[1] != in_f or B.shape[0] != out_f or A.shape[0] != B.shape[1]:
-        raise NomoatError(f"{source}: {mod} has A{tuple(A.shape)} B{tuple(B.shape)}, the layer is {out_f}x{in_f}")
-    r = int(A.shape[0])
-    if not 0 < r <= min(in_f, out_f):
-        raise NomoatError(f"{source}: {mod} has rank {r}, more than the layer's {out_f}x{in_f} allows")
-    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-        raise NomoatError(f"{source}: {mod} has NaN or inf values")
-    return r
-
-
-def _common_pair(ranks: dict[str, int], scales: dict[str, float]) -> tuple[int, float]:
-    """The most common (rank, scale) pair; ties go to the smaller rank, then the smaller scale."""
-    counts = Counter((ranks[m], float(scales[m])) for m in ranks)
-    return min(counts, key=lambda p: (-counts[p], p[0], p[1]))
-
-
-def lora_config_for(ranks: dict[str, int], scales: dict[str, float], dropout: float = 0.0) -> LoraConfig:
-    """A plain (non-rsLoRA) config whose rank_for/scale_for reproduce these per-module ranks and scales.
-
-    The most common (rank, scale) becomes r and alpha; other modules get rank_pattern / alpha_pattern
-    entries keyed by their full module path.
-    """
-    if not ranks:
-        raise NomoatError("adapter has no modules")
-    r0, s0 = _common_pair(ranks, scales)
-    alpha = s0 * r0
-    rank_pattern = {m: r for m, r in ranks.items() if r != r0}
-    alpha_pattern = {m: scales[m] * r for m, r in ranks.items()
-                     if not math.isclose(alpha / r, scales[m], rel_tol=1e-12, abs_tol=0.0)}
-    targets = sorted({m.rsplit(".", 1)[-1] for m in ranks})
-    return LoraConfig(r=r0, alpha=alpha, dropout=dropout, targets=targets, rank_pattern=rank_pattern,
-                      alpha_pattern=alpha_pattern)
-
-
 def _file_alpha(ranks: dict[str, int], scales: dict[str, float]) -> float:
-    r0, s0 = _common_pair(ranks, scales)
+    r0, s0 = common_pair(ranks, scales)
     alpha = float(np.float32(s0 * r0))
     return alpha if math.isfinite(alpha) and alpha > 0 else float(r0)
 
@@ -150,11 +73,12 @@ def write_gguf_adapter(path: str | Path, cfg: LoraConfig, tensors: dict[str, tor
     if dtype not in ADAPTER_DTYPES:
         raise NomoatError(f"adapter GGUF type {dtype!r} is not one of {', '.join(ADAPTER_DTYPES)}")
     src = str(path)
+    arch = architecture("llama")
     mods = lora_modules_of(tensors, src)
     ranks: dict[str, int] = {}
     for mod in mods:
         A, B = tensors[f"{mod}.lora_A.weight"], tensors[f"{mod}.lora_B.weight"]
-        ranks[mod] = check_lora_pair(mod, A, B, linear_shape(mod, model_cfg), src)
+        ranks[mod] = check_lora_pair(mod, A, B, arch.linear_shape(mod, model_cfg), src)
         s = scales.get(mod)
         if s is None or not math.isfinite(s):
             raise NomoatError(f"{src}: no finite scale for {mod}")
@@ -186,10 +110,10 @@ def write_gguf_adapter(path: str | Path, cfg: LoraConfig, tensors: dict[str, tor
             f = _fold(scales[mod], ranks[mod], alpha)
             if f != 1.0:
                 B = (B.double() * f).float()
-            heads = qk_heads(mod, model_cfg)
+            heads = arch.qk_heads(mod, model_cfg)
             if heads is not None:
                 B = B[qk_permute_rows(B.shape[0], heads)]
-            name = hf_to_gguf_name(f"{mod}.weight")
+            name = arch.hf_to_gguf_name(f"{mod}.weight")
             for suffix, t in ((".lora_a", A), (".lora_b", B)):
                 data, raw = _as_dtype(np.ascontiguousarray(t.numpy()), dtype)
                 w.add_tensor(f"{name}{suffix}", data, raw_dtype=raw)
@@ -242,9 +166,10 @@ def read_gguf_adapter(path: str | Path, model_cfg: LlamaConfig
     atype = _contents(reader, "adapter.type", path)
     if atype != "lora":
         raise NomoatError(f"{path}: adapter.type {atype!r} is not supported (only lora)")
-    arch = _contents(reader, "general.architecture", path)
-    if arch != "llama":
-        raise NomoatError(f"{path}: general.architecture {arch!r} does not match the base model (llama)")
+    arch_name = _contents(reader, "general.architecture", path)
+    if arch_name != "llama":
+        raise NomoatError(f"{path}: general.architecture {arch_name!r} does not match the base model (llama)")
+    arch = architecture(arch_name)
     alpha = _contents(reader, "adapter.lora.alpha", path)
     if alpha is not None and (not isinstance(alpha, int | float) or not math.isfinite(alpha)):
         raise NomoatError(f"{path}: adapter.lora.alpha {alpha!r} is not a finite number")
@@ -256,9 +181,9 @@ def read_gguf_adapter(path: str | Path, model_cfg: LlamaConfig
         base, dot, suffix = t.name.rpartition(".")
         if not dot or suffix not in ("lora_a", "lora_b"):
             raise NomoatError(f"{path}: tensor {t.name} is not a .lora_a or .lora_b tensor")
-        hf = gguf_to_hf_name(base)
+        hf = arch.gguf_to_hf_name(base)
         mod = hf[: -len(".weight")] if hf else base
-        if linear_shape(mod, model_cfg) is None:
+        if arch.linear_shape(mod, model_cfg) is None:
             raise NomoatError(f"{path}: tensor {t.name} targets {base}, which the model does not have")
         if t.tensor_type.name not in _READ_TYPES:
             raise NomoatError(f"{path}: tensor {t.name} has unsupported type {t.tensor_type.name}")
@@ -273,12 +198,7 @@ def read_gguf_adapter(path: str | Path, model_cfg: LlamaConfig
             raise NomoatError(f"{path}: {mod} has lora_a or lora_b missing")
         a_shape = tuple(int(s) for s in reversed(pair["lora_a"].shape.tolist()))
         b_shape = tuple(int(s) for s in reversed(pair["lora_b"].shape.tolist()))
-        out_f, in_f = linear_shape(mod, model_cfg)  # type: ignore[misc]
-        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != in_f or b_shape[0] != out_f \
-                or a_shape[0] != b_shape[1] or not 0 < a_shape[0] <= min(in_f, out_f):
-            raise NomoatError(f"{path}: {mod} has lora_a {list(a_shape)} lora_b {list(b_shape)}, the layer is "
-                              f"{out_f}x{in_f}")
-        ranks[mod] = a_shape[0]
+        ranks[mod] = check_lora_shapes(mod, a_shape, b_shape, arch.linear_shape(mod, model_cfg), str(path))
     tensors: dict[str, torch.Tensor] = {}
     for mod, pair in found.items():
         for suffix, key in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
@@ -287,12 +207,11 @@ def read_gguf_adapter(path: str | Path, model_cfg: LlamaConfig
             shape = tuple(int(s) for s in reversed(t.shape.tolist()))
             tensors[f"{mod}.{key}.weight"] = torch.from_numpy(arr.reshape(shape))
         B = tensors[f"{mod}.lora_B.weight"]
-        heads = qk_heads(mod, model_cfg)
+        heads = arch.qk_heads(mod, model_cfg)
         if heads is not None:
             B = B[qk_row_order(B.shape[0], heads)].contiguous()
-        if not (torch.isfinite(B).all() and torch.isfinite(tensors[f"{mod}.lora_A.weight"]).all()):
-            raise NomoatError(f"{path}: {mod} has NaN or inf values")
         tensors[f"{mod}.lora_B.weight"] = B
+        check_lora_pair(mod, tensors[f"{mod}.lora_A.weight"], B, arch.linear_shape(mod, model_cfg), str(path))
     # llama.cpp's semantics: alpha / r per tensor, or 1 when the file has no alpha.
     file_scales = {m: (float(alpha) / r if alpha else 1.0) for m, r in ranks.items()}
     orig = _recorded_config(_contents(reader, "nomoat.lora_config", path), path)

@@ -7,7 +7,6 @@ anything so that a truncated or hostile file is refused cheaply.
 
 from __future__ import annotations
 
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from nomoat.config import SUPPORTED_ARCHITECTURES, LlamaConfig
 from nomoat.errors import NomoatError
+from nomoat.model.config import LlamaConfig
+from nomoat.model.registry import GGUF_AUXILIARY, architecture
 
 GGUF_MAGIC = b"GGUF"
 MAX_COUNT = 1 << 20  # more tensors or metadata keys than this is not a model file
@@ -26,44 +26,16 @@ MAX_COUNT = 1 << 20  # more tensors or metadata keys than this is not a model fi
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 QUANT_TYPES = {"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K"}
 
-_LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.weight$")
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_TOP_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
 
 
-def gguf_to_hf_name(name: str) -> str | None:
-    if name in _TOP_NAMES:
-        return _TOP_NAMES[name]
-    m = _LAYER.match(name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
-    return None
+def gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
+    """The model's (HF) name for a GGUF tensor name, or None."""
+    return architecture(arch).gguf_to_hf_name(name)
 
 
-def hf_to_gguf_name(name: str) -> str | None:
-    for g, h in _TOP_NAMES.items():
-        if name == h:
-            return g
-    m = re.match(r"model\.layers\.(\d+)\.(.+)\.weight$", name)
-    if m:
-        for g, h in _LAYER_NAMES.items():
-            if h == m.group(2):
-                return f"blk.{m.group(1)}.{g}.weight"
-    return None
+def hf_to_gguf_name(name: str, arch: str = "llama") -> str | None:
+    """The GGUF tensor name for a model (HF) weight name, or None."""
+    return architecture(arch).hf_to_gguf_name(name)
 
 
 def qk_row_order(rows: int, n_head: int) -> torch.Tensor:
@@ -208,9 +180,8 @@ class GGUFModelFile:
         check_header(self.path)
         self.fields, self.tensors = parse_gguf(self.path)
         self.arch = self.get("general.architecture", "llama")
-        if self.arch not in SUPPORTED_ARCHITECTURES:
-            raise NomoatError(f"{self.path}: architecture {self.arch!r} is not supported "
-                              f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        self.architecture = architecture(self.arch, str(self.path))
+        self._names: dict[str, str] | None = None
         for t in self.tensors.values():
             if t.tensor_type.name not in FLOAT_TYPES | QUANT_TYPES:
                 raise NomoatError(f"{self.path}: tensor {t.name} has unsupported type {t.tensor_type.name}")
@@ -269,21 +240,22 @@ class GGUFModelFile:
         return torch.from_numpy(np.ascontiguousarray(arr).reshape(shape))
 
     def hf_names(self) -> dict[str, str]:
-        """HF name -> GGUF name for every weight the model uses."""
-        out = {}
-        for name in self.tensors:
-            hf = gguf_to_hf_name(name)
-            if hf is not None:
-                out[hf] = name
-        return out
+        """HF name -> GGUF name for every weight the model uses; a tensor it has no use for is an error."""
+        if self._names is None:
+            out = {}
+            for name in self.tensors:
+                hf = self.architecture.gguf_to_hf_name(name)
+                if hf is None and name not in GGUF_AUXILIARY:
+                    raise NomoatError(f"{self.path}: tensor {name} is not part of a {self.arch} model")
+                if hf is not None:
+                    out[hf] = name
+            self._names = out
+        return self._names
 
     def row_order(self, hf_name: str, cfg: LlamaConfig) -> torch.Tensor | None:
         """The q/k un-permutation for this tensor, or None."""
-        if hf_name.endswith("self_attn.q_proj.weight"):
-            return qk_row_order(cfg.num_attention_heads * cfg.head_dim, cfg.num_attention_heads)
-        if hf_name.endswith("self_attn.k_proj.weight"):
-            return qk_row_order(cfg.num_key_value_heads * cfg.head_dim, cfg.num_key_value_heads)
-        return None
+        heads = self.architecture.qk_heads(hf_name, cfg)
+        return qk_row_order(heads * cfg.head_dim, heads) if heads is not None else None
 
     def load_float(self, hf_name: str, cfg: LlamaConfig) -> torch.Tensor:
         w = self.raw_float(self.hf_names()[hf_name])

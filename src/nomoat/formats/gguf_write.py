@@ -20,33 +20,16 @@ import numpy as np
 import torch
 
 from nomoat import __version__
-from nomoat.config import LlamaConfig
 from nomoat.errors import NomoatError
-from nomoat.formats.gguf_read import hf_to_gguf_name, qk_permute_rows
+from nomoat.formats.gguf_read import qk_permute_rows
+from nomoat.model.config import LlamaConfig
+from nomoat.model.registry import architecture
 
 FTYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 _FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}  # llama.cpp's LlamaFileType
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
-# tokenizer.ggml.pre names for the split regexes nomoat.tokenizer knows (llama.cpp's canonical names).
+# tokenizer.ggml.pre names for the split regexes nomoat.formats.tokenizer knows (llama.cpp's canonical names).
 _PRE_NAMES = {"llama-bpe": "llama3", "qwen2": "qwen2"}
-
-
-def model_tensor_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """HF name -> shape of every tensor a LLaMA GGUF carries (no lm_head when embeddings are tied)."""
-    h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        out.update({p + "input_layernorm.weight": (h,), p + "self_attn.q_proj.weight": (q, h),
-                    p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.v_proj.weight": (kv, h),
-                    p + "self_attn.o_proj.weight": (h, q), p + "post_attention_layernorm.weight": (h,),
-                    p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-                    p + "mlp.down_proj.weight": (h, f)})
-    out["model.norm.weight"] = (h,)
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = (v, h)
-    return out
 
 
 def tensor_type(gguf_name: str, shape: tuple[int, ...], ftype: str) -> Any:
@@ -73,14 +56,14 @@ def _nbytes(shape: tuple[int, ...], qtype: Any) -> int:
 
 
 def _pre_name(tj: dict[str, Any]) -> str:
-    from nomoat.tokenizer import _SPLITS
+    from nomoat.formats.tokenizer import _SPLITS
 
     text = json.dumps(tj.get("pre_tokenizer") or {})
     for name, key in _PRE_NAMES.items():
         if json.dumps(_SPLITS[key])[1:-1] in text:
             return name
     if '"Digits"' in text and '"individual_digits": true' in text:
-        return "smollm"  # gpt2's regex with every digit split first (nomoat.tokenizer._DIGIT_SPLIT_PRE)
+        return "smollm"  # gpt2's regex with every digit split first (nomoat.formats.tokenizer._DIGIT_SPLIT_PRE)
     return "default"
 
 
@@ -225,7 +208,8 @@ def write_gguf_model(path: str | Path, cfg: LlamaConfig, tensors: Mapping[str, t
     path = Path(path)
     if ftype not in FTYPES:
         raise NomoatError(f"GGUF type {ftype!r} is not one of {', '.join(FTYPES)}")
-    shapes = model_tensor_shapes(cfg)
+    arch = architecture("llama")
+    shapes = arch.tensor_shapes(cfg)
     for name, shape in shapes.items():
         t = tensors.get(name)
         if t is None:
@@ -269,7 +253,7 @@ def write_gguf_model(path: str | Path, cfg: LlamaConfig, tensors: Mapping[str, t
             w.add_tensor_info("rope_freqs.weight", factors.shape, np.dtype(np.float32), factors.nbytes)
             plan.append(("rope_freqs.weight", None, gguf.GGMLQuantizationType.F32))
         for name, shape in shapes.items():
-            gname = hf_to_gguf_name(name)
+            gname = arch.hf_to_gguf_name(name)
             if gname is None:
                 raise NomoatError(f"{path}: tensor {name} has no GGUF name")
             qtype = tensor_type(gname, shape, ftype)
@@ -288,8 +272,8 @@ def write_gguf_model(path: str | Path, cfg: LlamaConfig, tensors: Mapping[str, t
             t = tensors[name].detach().float()
             if not torch.isfinite(t).all():
                 raise NomoatError(f"{path}: tensor {name} has NaN or inf values")
-            if name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
-                heads = cfg.num_attention_heads if ".q_proj" in name else cfg.num_key_value_heads
+            heads = arch.qk_heads(name, cfg)
+            if heads is not None:
                 t = t[qk_permute_rows(t.shape[0], heads)]
             a = np.ascontiguousarray(t.numpy())
             if qtype == gguf.GGMLQuantizationType.F16:

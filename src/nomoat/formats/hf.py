@@ -8,13 +8,15 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nomoat.config import LlamaConfig
 from nomoat.errors import NomoatError
+from nomoat.model.config import LlamaConfig
+from nomoat.model.registry import ARCHITECTURES, Architecture, architecture
 
 SHARD_BYTES = 2 << 30
 
@@ -28,6 +30,73 @@ def read_json(path: Path) -> dict:
         raise NomoatError(f"{path}: invalid JSON ({e})") from None
 
 
+def config_arch(d: dict[str, Any], source: str = "config.json") -> Architecture:
+    """The registry entry a config.json names (model_type, else its architectures), or an error."""
+    archs = d.get("architectures") or []
+    mtype = d.get("model_type")
+    arch = next((a for a in ARCHITECTURES.values() if mtype == a.name or any(c in a.hf_classes for c in archs)
+                 or (mtype is None and not archs)), None)
+    if arch is None:
+        raise NomoatError(f"{source}: model_type {mtype!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+    return arch
+
+
+def config_from_hf(d: dict[str, Any], source: str = "config.json") -> LlamaConfig:
+    """A model config from a Hugging Face config.json's fields."""
+    config_arch(d, source)
+    try:
+        return LlamaConfig(
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_hidden_layers=int(d["num_hidden_layers"]),
+            num_attention_heads=int(d["num_attention_heads"]),
+            num_key_value_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
+            head_dim=int(d.get("head_dim") or 0),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(d.get("rope_theta", 10000.0)),
+            rope_scaling=d.get("rope_scaling"),
+            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+            name=str(d.get("_name_or_path", "")),
+        )
+    except KeyError as e:
+        raise NomoatError(f"{source}: missing field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise NomoatError(f"{source}: bad value ({e})") from None
+
+
+def config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
+    """A Hugging Face config.json (LlamaForCausalLM) for a model config."""
+    d: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": "float32",
+    }
+    if cfg.bos_token_id is not None:
+        d["bos_token_id"] = cfg.bos_token_id
+    if cfg.eos_token_id is not None:
+        d["eos_token_id"] = cfg.eos_token_id
+    return d
+
+
 class HFModelDir:
     """A LLaMA-family checkpoint directory; tensors are memory-mapped from safetensors."""
 
@@ -36,6 +105,8 @@ class HFModelDir:
         if not (self.path / "config.json").exists():
             raise NomoatError(f"{self.path}: no config.json (not a Hugging Face model directory)")
         self.raw_config = read_json(self.path / "config.json")
+        self.arch = config_arch(self.raw_config, str(self.path / "config.json")).name
+        self._names: dict[str, str] | None = None
         index = self.path / "model.safetensors.index.json"
         self.files: dict[str, Path] = {}
         if index.exists():
@@ -65,7 +136,7 @@ class HFModelDir:
             raise NomoatError(f"{path}: not a valid safetensors file ({e})") from None
 
     def config(self) -> LlamaConfig:
-        cfg = LlamaConfig.from_hf_dict(self.raw_config, str(self.path / "config.json"))
+        cfg = config_from_hf(self.raw_config, str(self.path / "config.json"))
         if not cfg.name:
             cfg.name = self.path.name
         return cfg
@@ -81,7 +152,16 @@ class HFModelDir:
         return ids
 
     def hf_names(self) -> dict[str, str]:
-        return {n: n for n in self.files}
+        """Every weight by its (HF) name; a tensor the architecture does not have is an error."""
+        if self._names is None:
+            known = set(architecture(self.arch).tensor_shapes(self.config())) | {"lm_head.weight"}
+            # Old exports carry RoPE's inverse frequencies as a buffer; they are recomputed from the config.
+            unknown = sorted(n for n in self.files if n not in known and not n.endswith("rotary_emb.inv_freq"))
+            if unknown:
+                raise NomoatError(f"{self.path}: tensor {unknown[0]} is not part of a {self.arch} model"
+                                  + (f" ({len(unknown)} such tensors)" if len(unknown) > 1 else ""))
+            self._names = {n: n for n in self.files if n in known}
+        return self._names
 
     def load_float(self, name: str, cfg: LlamaConfig | None = None) -> torch.Tensor:
         path = self.files.get(name)
@@ -125,7 +205,7 @@ def write_hf_dir(out: str | Path, cfg: LlamaConfig, tensors: dict[str, torch.Ten
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        hf = cfg.to_hf_dict()
+        hf = config_to_hf(cfg)
         hf["torch_dtype"] = str(dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}

@@ -1,5 +1,9 @@
-"""Pure PyTorch model code: knows nothing of files."""
+"""Pure PyTorch model code and per-architecture facts: knows nothing of files.
 
-from nomoat.model.llama import KVCache, LlamaForCausalLM, causal_lm_loss
+Must not import nomoat.formats, train, serve, eval, adapters or cli.
+"""
 
-__all__ = ["KVCache", "LlamaForCausalLM", "causal_lm_loss"]
+from nomoat.model.llama import KVCache, LlamaForCausalLM
+from nomoat.model.losses import IGNORE_INDEX, causal_lm_loss
+
+__all__ = ["IGNORE_INDEX", "KVCache", "LlamaForCausalLM", "causal_lm_loss"]

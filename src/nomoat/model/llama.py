@@ -15,9 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from nomoat.config import LlamaConfig
-
-IGNORE_INDEX = -100
+from nomoat.model.config import LlamaConfig
 
 
 class RMSNorm(nn.Module):
@@ -95,35 +93,37 @@ class KVCache:
         self.pos = 0
 
 
-def _set_fused(mod: nn.Module, fused: nn.Module | None, parts: tuple[nn.Module, ...]) -> None:
-    # Kept out of the module tree (no state_dict keys, invisible to LoRA targeting): an inference-only
-    # alias of the same weights, used while the parts it was built from are still in place.
-    object.__setattr__(mod, "_fused", fused)
-    object.__setattr__(mod, "_fused_from", tuple(id(p) for p in parts))
+class FusableBlock(nn.Module):
+    """A block whose parallel projections (q/k/v, gate/up) may also run as one fused layer.
 
+    The fused layer is an inference-only alias of the same weights, set at load time by
+    `fuse_projections`; it is kept out of the module tree (no state_dict keys, invisible to LoRA
+    targeting). Replacing one of the parts (e.g. wrapping it in a LoRA) must call `set_fused(None)`,
+    so the block falls back to its separate layers.
+    """
 
-def _fused_valid(mod: nn.Module, parts: tuple[nn.Module, ...]) -> bool:
-    return mod._fused is not None and mod._fused_from == tuple(id(p) for p in parts)
+    fused: nn.Module | None
+
+    def parts(self) -> tuple[nn.Module, ...]:
+        raise NotImplementedError
+
+    def set_fused(self, fused: nn.Module | None) -> None:
+        object.__setattr__(self, "fused", fused)  # a plain attribute, not a registered submodule
 
 
 def fuse_projections(model: nn.Module, fuse: Callable[[list[nn.Module]], nn.Module | None]) -> int:
-    """Give every attention its q/k/v and every MLP its gate/up as one layer, where `fuse` can.
-
-    A part later replaced (e.g. wrapped by a LoRA) makes its block fall back to the separate layers.
-    """
+    """Give every attention its q/k/v and every MLP its gate/up as one layer, where `fuse` can."""
     n = 0
     for m in model.modules():
-        parts = (m.q_proj, m.k_proj, m.v_proj) if isinstance(m, Attention) else \
-            (m.gate_proj, m.up_proj) if isinstance(m, MLP) else None
-        if parts is not None:
-            fused = fuse(list(parts))
+        if isinstance(m, FusableBlock):
+            fused = fuse(list(m.parts()))
             if fused is not None:
-                _set_fused(m, fused, parts)
+                m.set_fused(fused)
                 n += 1
     return n
 
 
-class Attention(nn.Module):
+class Attention(FusableBlock):
     def __init__(self, cfg: LlamaConfig, device=None) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -132,13 +132,16 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False, device=device)
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False, device=device)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False, device=device)
-        _set_fused(self, None, ())
+        self.set_fused(None)
+
+    def parts(self) -> tuple[nn.Module, ...]:
+        return self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        if _fused_valid(self, (self.q_proj, self.k_proj, self.v_proj)):
-            q, k, v = self._fused(x).split((nq, nkv, nkv), dim=-1)
+        if self.fused is not None:
+            q, k, v = self.fused(x).split((nq, nkv, nkv), dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # Rotate q and k in one go: [B, heads + kv_heads, T, D].
@@ -172,18 +175,21 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1).to(out_dtype))
 
 
-class MLP(nn.Module):
+class MLP(FusableBlock):
     def __init__(self, cfg: LlamaConfig, device=None) -> None:
         super().__init__()
         h, f = cfg.hidden_size, cfg.intermediate_size
         self.gate_proj = nn.Linear(h, f, bias=False, device=device)
         self.up_proj = nn.Linear(h, f, bias=False, device=device)
         self.down_proj = nn.Linear(f, h, bias=False, device=device)
-        _set_fused(self, None, ())
+        self.set_fused(None)
+
+    def parts(self) -> tuple[nn.Module, ...]:
+        return self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _fused_valid(self, (self.gate_proj, self.up_proj)):
-            gate, up = self._fused(x).chunk(2, dim=-1)
+        if self.fused is not None:
+            gate, up = self.fused(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
@@ -285,37 +291,3 @@ class LlamaForCausalLM(nn.Module):
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)
-
-
-def causal_lm_loss(
-    model: LlamaForCausalLM,
-    hidden: torch.Tensor,
-    labels: torch.Tensor,
-    chunk: int = 512,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """Next-token cross-entropy computed only where labels carry loss.
-
-    The vocabulary projection is the largest activation of a small model
-    (tokens x 49k floats); projecting only the supervised positions, in
-    checkpointed chunks, keeps it out of memory.
-    """
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    y = labels[:, 1:].reshape(-1)
-    keep = y != IGNORE_INDEX
-    h, y = h[keep], y[keep]
-    n = y.numel()
-    if n == 0:
-        return hidden.sum() * 0.0
-
-    def piece(hc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(model.lm_head(hc).float(), yc, reduction="sum")
-
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for s in range(0, n, chunk):
-        hc, yc = h[s:s + chunk], y[s:s + chunk]
-        if torch.is_grad_enabled() and hc.requires_grad:
-            total = total + checkpoint(piece, hc, yc, use_reentrant=False)
-        else:
-            total = total + piece(hc, yc)
-    return total / n if reduction == "mean" else total

@@ -1,5 +1,8 @@
-"""`nomoat serve`: an OpenAI-compatible server for one base model and many adapters, with a web chat."""
+"""`nomoat serve`: an OpenAI-compatible server for one base model and many adapters, with a web chat.
 
-from nomoat.serve.app import ModelRegistry, ServerSettings, create_app, make_server
+Uses the runtime and adapters; must not import train or cli.
+"""
 
-__all__ = ["ModelRegistry", "ServerSettings", "create_app", "make_server"]
+from nomoat.serve.app import ModelRegistry, ServerSettings, check_listen, create_app, make_server
+
+__all__ = ["ModelRegistry", "ServerSettings", "check_listen", "create_app", "make_server"]

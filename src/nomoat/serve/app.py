@@ -29,8 +29,8 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nomoat.errors import NomoatError
-from nomoat.generate import GenerationConfig, GenerationStats
-from nomoat.loading import LoadedModel
+from nomoat.runtime.generate import GenerationConfig, GenerationStats
+from nomoat.runtime.loading import LoadedModel
 from nomoat.serve.engine import Engine, EngineBusy, Job
 from nomoat.serve.schemas import ApiError, ChatCompletionRequest, CompletionRequest, _Sampling, error_body
 
@@ -46,6 +46,27 @@ class ServerSettings:
     max_active: int = 8
     max_queue: int = 64
     max_stop: int = 4
+
+    def check(self) -> None:
+        """Refuse settings out of range, naming the command-line option."""
+        for opt, value, low in (("--max-tokens-limit", self.max_tokens_limit, 1),
+                                ("--max-request-bytes", self.max_request_bytes, 1024),
+                                ("--max-context", self.max_context, 0), ("--max-active", self.max_active, 1)):
+            if value < low:
+                raise NomoatError(f"{opt} {value} is out of range (at least {low})")
+
+
+def check_listen(host: str, port: int) -> None:
+    """Fail now, in one line, if the server could not listen on host:port (before loading the model)."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise NomoatError(f"--port {port} is out of range")
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise NomoatError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 class ModelRegistry:
@@ -171,7 +192,8 @@ class Server:
             temperature=d.temperature if req.temperature is None else req.temperature,
             top_k=d.top_k if req.top_k is None else req.top_k,
             top_p=d.top_p if req.top_p is None else req.top_p,
-            repetition_penalty=req.repetition_penalty or 1.0, seed=req.seed, stop=tuple(s for s in stop if s))
+            repetition_penalty=req.repetition_penalty or d.repetition_penalty, seed=req.seed,
+            stop=tuple(s for s in stop if s))
 
     def chat_ids(self, req: ChatCompletionRequest) -> list[int]:
         tok = self.lm.tokenizer
@@ -412,24 +434,10 @@ def base_name_for(lm: LoadedModel) -> str:
     import re
     from pathlib import Path
 
-    from nomoat.loading import default_model_path
+    from nomoat.runtime.loading import default_model_path
 
     with contextlib.suppress(NomoatError, OSError):
         if Path(lm.source).resolve() == default_model_path().resolve():
             return "smollm2"
     stem = Path(lm.source).name.split(".")[0] or lm.name
     return re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-") or "model"
-
-
-def parse_adapter_arg(text: str) -> tuple[str, str, float]:
-    """`NAME=PATH[:WEIGHT]` or `PATH[:WEIGHT]` (named after the directory) -> (name, path, weight)."""
-    from nomoat.adapters import AdapterSpec
-
-    name, sep, rest = text.partition("=")
-    if not sep:
-        name, rest = "", text
-    spec = AdapterSpec.parse(rest)
-    name = name or spec.name
-    if not name or "+" in name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise NomoatError(f"--adapter {text}: the name {name!r} may use only letters, digits, '-', '_' and '.'")
-    return name, str(spec.path), spec.weight

@@ -2,7 +2,7 @@
 
 Torch modules are not safe to share between concurrent forward passes with different adapters, so
 every forward pass runs on this one thread. Active requests take turns a token at a time (each keeps
-its own KV cache inside `nomoat.generate.stream`), and the adapters a request asked for are switched
+its own KV cache inside `nomoat.runtime.generate.stream`), and the adapters a request asked for are switched
 in with `set_active` right before its turn, so requests never see each other's adapters.
 """
 
@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from nomoat.generate import GenerationConfig, GenerationStats, stream
-from nomoat.loading import LoadedModel
 from nomoat.lora import set_active
+from nomoat.runtime.generate import GenerationConfig, GenerationStats, stream
+from nomoat.runtime.loading import LoadedModel
 
 Emit = Callable[[str, Any], None]  # ("delta", text) | ("done", stats) | ("error", message)
 

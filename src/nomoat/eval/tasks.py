@@ -1,19 +1,19 @@
-"""Measuring a model: perplexity on text or responses, and exact-match / contains accuracy on tasks."""
+"""Task accuracy: greedy answers to `{prompt, expected}` records, scored by exact match or containment.
+
+Scoring ignores case, surrounding whitespace and a trailing period (see `normalize`).
+"""
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from nomoat.data import Batches, build_dataset, load_examples
 from nomoat.errors import NomoatError
-from nomoat.generate import GenerationConfig, generate_batch
+from nomoat.runtime.generate import GenerationConfig, generate_batch
+from nomoat.runtime.prompts import prompt_ids
 
 METRICS = ("exact-match", "contains", "perplexity")
 
@@ -69,8 +69,6 @@ class TaskResult:
 def task_accuracy(lm, records: list[TaskRecord], metric: str = "exact-match", max_new_tokens: int = 64,
                   batch_size: int = 16, progress: Callable[[int], None] | None = None) -> TaskResult:
     """Greedy answers to each prompt (chat template applied), scored against `expected`."""
-    from nomoat.api import prompt_ids
-
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     answers: list[str] = []
     # Similar lengths in one batch waste less padding.
@@ -86,39 +84,3 @@ def task_accuracy(lm, records: list[TaskRecord], metric: str = "exact-match", ma
     answers = [by_index[i] for i in range(len(records))]
     correct = sum(score(a, r.expected, metric) for a, r in zip(answers, records))
     return TaskResult(correct / len(records), correct, len(records), answers)
-
-
-@dataclass
-class PerplexityResult:
-    perplexity: float
-    loss: float
-    tokens: int
-
-
-@torch.no_grad()
-def perplexity(lm, path: str | Path, fmt: str = "auto", seq_len: int = 1024, batch_size: int = 4,
-               progress: Callable[[int], None] | None = None) -> PerplexityResult:
-    """Perplexity on plain text (every token) or on the response tokens of an instruction set."""
-    path = Path(path)
-    if not path.exists():
-        raise NomoatError(f"{path}: no such file")
-    plain = path.suffix.lower() not in (".json", ".jsonl", ".ndjson")
-    if plain:  # a plain text file (.txt, .md, ...): every token counts
-        from nomoat.data import Example
-
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise NomoatError(f"{path}: not UTF-8 text") from None
-        if not text.strip():
-            raise NomoatError(f"{path}: empty")
-        examples = [Example(messages=None, text=text, source=f"{path.name}:1")]
-        rows = build_dataset(examples, lm.tokenizer, min(seq_len, lm.config.max_position_embeddings), pack=True)
-    else:
-        examples = load_examples(path, fmt)
-        rows = build_dataset(examples, lm.tokenizer, min(seq_len, lm.config.max_position_embeddings))
-    from nomoat.train.sft import loss_sum
-
-    total, count = loss_sum(lm.model, rows, Batches(lm.tokenizer.pad_id), batch_size, progress)
-    loss = total / max(count, 1)
-    return PerplexityResult(math.exp(loss), loss, count)

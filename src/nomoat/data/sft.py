@@ -17,8 +17,8 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 import torch
 
 from nomoat.errors import NomoatError
+from nomoat.model.losses import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 FORMATS = ("alpaca", "chat", "sharegpt", "text", "completion")
 # The key that identifies each format, in the order auto-detection tries them.
 _FORMAT_KEY = {

@@ -1,0 +1,68 @@
+"""`nomoat serve`: the OpenAI-compatible server and web chat."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from nomoat.cli.common import QUANT_DEFAULT, DtypeOpt, ForceOpt, ModelOpt, QuantOpt, ThreadsOpt, err, status
+
+
+def serve(
+    model: ModelOpt = None,
+    adapter: Annotated[list[str] | None, typer.Option(
+        "--adapter", "-a", help="NAME=PATH[:WEIGHT]: an adapter (PEFT directory or GGUF adapter) that requests "
+        "select with model=NAME, or a stack with NAME+OTHER; repeat for more.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps the server to this "
+                                      "machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="NOMOAT_API_KEY", help="Require "
+                                                "'Authorization: Bearer KEY' on every /v1 route.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Model id of the base model (default: smollm2 for "
+                                             "the embedded model, else the file name).")] = None,
+    max_tokens_limit: Annotated[int, typer.Option("--max-tokens-limit", help="Largest max_tokens a request "
+                                                  "may ask for (and the default).")] = 2048,
+    max_request_bytes: Annotated[int, typer.Option("--max-request-bytes", help="Largest request body.")]
+    = 1 << 20,
+    max_context: Annotated[int, typer.Option("--max-context", help="Longest prompt + completion in tokens "
+                                             "(0: the model's context).")] = 0,
+    max_active: Annotated[int, typer.Option("--max-active", help="Requests decoded together (the rest "
+                                            "queue).")] = 8,
+    threads: ThreadsOpt = None,
+    dtype: DtypeOpt = None,
+    quant: QuantOpt = QUANT_DEFAULT,
+    force: ForceOpt = False,
+) -> None:
+    """Serve the model and its adapters over the OpenAI HTTP API, with a web chat at /."""
+    from nomoat.adapters import AdapterSpec
+    from nomoat.api import load_with_adapters
+    from nomoat.errors import NomoatError
+    from nomoat.serve.app import ServerSettings, base_name_for, check_listen, create_app, make_server
+
+    settings = ServerSettings(api_key=api_key or None, max_tokens_limit=max_tokens_limit,
+                              max_request_bytes=max_request_bytes, max_context=max_context, max_active=max_active)
+    settings.check()
+    specs = [AdapterSpec.parse(a, named=True) for a in adapter or ()]
+    names = [sp.name for sp in specs]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise NomoatError(f"--adapter: the name {dup!r} is given twice")
+    check_listen(host, port)
+    with status("loading model..."):
+        lm = load_with_adapters(model, specs, force=force, activate=False, dtype=dtype, threads=threads,
+                                quant=quant)
+    app_ = create_app(lm, name or base_name_for(lm), {sp.name: sp.weight for sp in specs}, settings)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        err.print(f"[yellow]warning:[/yellow] listening on {host} without --api-key: anyone who can reach this "
+                  "port can use the model", soft_wrap=True)
+    models = ", ".join(app_.state.server.registry.ids())
+    shown = f"[{host}]" if ":" in host else host
+    err.print(f"serving [bold]{models}[/bold] at http://{shown}:{port}/ (web chat at /, API at /v1; Ctrl-C stops)",
+              soft_wrap=True)
+    make_server(app_, host, port).run()
+    err.print("stopped")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(serve)

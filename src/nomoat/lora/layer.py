@@ -1,0 +1,170 @@
+"""The LoRA module replacement: y = W x + sum_i w_i * s_i * B_i A_i dropout(x), and its config.
+
+A `LoRALinear` wraps any frozen base projection (float `nn.Linear` or a quantized
+linear) and can hold several named adapters at once, each with its own weight, so
+adapters stack and switch without reloading the base. Parameter names follow
+PEFT's module tree (``...q_proj.lora_A.<name>.weight``), so PEFT files map one to one.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nomoat.errors import NomoatError
+from nomoat.model.registry import LLAMA
+
+TARGET_ALIASES = LLAMA.aliases
+ALL_LINEAR = LLAMA.linear_leaves
+
+
+def resolve_targets(spec: str | Iterable[str]) -> list[str]:
+    """`"q,v"`, `["q_proj", "v_proj"]` or `"all-linear"` -> module short names."""
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for s in items:
+        if s in ("all-linear", "all"):
+            names: Iterable[str] = ALL_LINEAR
+        elif s in TARGET_ALIASES:
+            names = [TARGET_ALIASES[s]]
+        elif s in ALL_LINEAR:
+            names = [s]
+        else:
+            raise NomoatError(f"unknown target module {s!r} (use q, k, v, o, gate, up, down, or all-linear)")
+        out.extend(n for n in names if n not in out)
+    if not out:
+        raise NomoatError("no target modules given")
+    return out
+
+
+@dataclass
+class LoraConfig:
+    """An adapter's shape: rank, alpha, targets; per-module overrides as in PEFT."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
+    rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise NomoatError(f"LoRA rank must be a positive integer, got {self.r!r}")
+        if not 0 <= self.dropout < 1:
+            raise NomoatError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        self.targets = resolve_targets(self.targets)
+
+    @staticmethod
+    def _match(pattern: dict[str, Any], name: str) -> Any:
+        # PEFT matches pattern keys as a regex against the end of the module name.
+        for key, value in pattern.items():
+            if re.match(rf"(.*\.)?({key})$", name):
+                return value
+        return None
+
+    def rank_for(self, name: str) -> int:
+        r = self._match(self.rank_pattern, name)
+        return int(r) if r is not None else self.r
+
+    def alpha_for(self, name: str) -> float:
+        a = self._match(self.alpha_pattern, name)
+        return float(a) if a is not None else float(self.alpha)
+
+    def scale_for(self, name: str) -> float:
+        r, a = self.rank_for(name), self.alpha_for(name)
+        return a / math.sqrt(r) if self.rslora else a / r
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class LoRALinear(nn.Module):
+    """A frozen base projection plus any number of named low-rank updates."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features: int = base.in_features
+        self.out_features: int = base.out_features
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.scales: dict[str, float] = {}
+        self.weights: dict[str, float] = {}  # the user's per-adapter multiplier
+        self.dropouts: dict[str, float] = {}
+        self.active: list[str] = []
+        self.merged: dict[str, float] = {}  # adapter -> effective scale folded into base.weight
+
+    def add(self, name: str, r: int, scale: float, dropout: float = 0.0, init: bool = True,
+            dtype: torch.dtype = torch.float32) -> None:
+        if name in self.lora_A:
+            raise NomoatError(f"adapter {name!r} is already loaded")
+        if r > min(self.in_features, self.out_features):
+            raise NomoatError(f"LoRA rank {r} exceeds the layer's size {self.out_features}x{self.in_features}")
+        A = torch.zeros(r, self.in_features, dtype=dtype)
+        B = torch.zeros(self.out_features, r, dtype=dtype)
+        if init:
+            # PEFT's default: A Kaiming-uniform, B zero, so step 0 is exactly the base model.
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(B)
+        self.scales[name] = scale
+        self.weights[name] = 1.0
+        self.dropouts[name] = dropout
+        self.active.append(name)
+
+    def remove(self, name: str) -> None:
+        if name in self.merged:
+            self.unmerge(name)
+        del self.lora_A[name], self.lora_B[name]
+        for d in (self.scales, self.weights, self.dropouts):
+            d.pop(name, None)
+        if name in self.active:
+            self.active.remove(name)
+
+    def delta(self, name: str) -> torch.Tensor:
+        """The full update s * w * B @ A for one adapter (float32, [out, in])."""
+        A, B = self.lora_A[name].float(), self.lora_B[name].float()
+        return (B @ A) * (self.scales[name] * self.weights[name])
+
+    def merge(self, name: str) -> None:
+        w = getattr(self.base, "weight", None)
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+            raise NomoatError("cannot merge into a quantized base; merge on a float model and quantize after")
+        if name in self.merged:
+            return
+        with torch.no_grad():
+            w += self.delta(name).to(w.dtype)
+        self.merged[name] = self.scales[name] * self.weights[name]
+
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged:
+            return
+        w = self.base.weight
+        A, B = self.lora_A[name].float(), self.lora_B[name].float()
+        with torch.no_grad():
+            w -= ((B @ A) * self.merged.pop(name)).to(w.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        for name in self.active:
+            if name in self.merged:
+                continue
+            A, B = self.lora_A[name], self.lora_B[name]
+            p = self.dropouts[name]
+            h = F.dropout(x, p, self.training) if p and self.training else x
+            s = self.scales[name] * self.weights[name]
+            if h.dtype != A.dtype:
+                # Low-precision activations (a bf16 base): run the update in their dtype rather than keep
+                # a float32 copy of every input for backward; A and B and their gradients stay float32.
+                A, B = A.to(h.dtype), B.to(h.dtype)
+            y = y + F.linear(F.linear(h, A), B).mul(s).to(y.dtype)
+        return y

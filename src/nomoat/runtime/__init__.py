@@ -1,0 +1,4 @@
+"""Running a loaded model: loading, tokenizer, decoding; CPU capability dispatch.
+
+Must not import train, serve or cli.
+"""
