@@ -164,12 +164,13 @@ def test_apply_threads(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_configure_threading_env(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     monkeypatch.delenv("KMP_BLOCKTIME", raising=False)
     configure_threading_env()
     configure_threading_env()
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
-    assert os.environ["KMP_BLOCKTIME"] == "0"
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert os.environ["GOMP_SPINCOUNT"] == "10000"
+    assert os.environ["KMP_BLOCKTIME"] == "1"
+    assert "OMP_WAIT_POLICY" not in os.environ or os.environ["OMP_WAIT_POLICY"] != "PASSIVE"
+    monkeypatch.setenv("GOMP_SPINCOUNT", "INFINITY")
     configure_threading_env()
-    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert os.environ["GOMP_SPINCOUNT"] == "INFINITY"

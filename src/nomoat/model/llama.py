@@ -211,7 +211,10 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, cfg: LlamaConfig, device=None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device)
+        # On the meta device (loading), hand Embedding its storage: its random init there would go through
+        # torch's reference ops and import torch._dynamo (~1.4 s per load). Linear's init does not.
+        table = torch.empty(cfg.vocab_size, cfg.hidden_size, device="meta") if str(device) == "meta" else None
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device, _weight=table)
         self.layers = nn.ModuleList(DecoderLayer(cfg, device) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
 
