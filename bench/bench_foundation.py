@@ -38,7 +38,7 @@ def run_nomoat(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     t1 = time.perf_counter()
-    lm = load(args.model)
+    lm = load(args.model, threads=args.threads)
     load_s = time.perf_counter() - t1
     rss_load = peak_rss_mib()
     tok = lm.tokenizer

@@ -32,6 +32,7 @@ from pathlib import Path
 
 RANK, ALPHA, LR, BATCH, SEQ, SEED = 8, 16.0, 2e-4, 8, 128, 0
 VARIANTS = {  # name: (label, dtype, train_on_prompt)
+    "nomoat-default": ("nomoat default (dtype chosen for this CPU)", "auto", False),
     "nomoat-bf16": ("nomoat bf16 base, response-token loss", "bfloat16", False),
     "nomoat-bf16-all": ("nomoat bf16 base, all-token loss", "bfloat16", True),
     "nomoat-qlora": ("nomoat QLoRA (int4 base), response-token loss", "qlora", False),
@@ -78,7 +79,10 @@ def run_nomoat(args: argparse.Namespace, dtype: str, train_on_prompt: bool) -> d
     torch.set_num_threads(args.threads)
     os.environ["NOMOAT_CACHE"] = str(Path(args.work) / "cache")
     total = args.warmup + args.steps
-    lm = load(args.model, dtype="bfloat16", quant="q4") if dtype == "qlora" else load(args.model, dtype=dtype)
+    if dtype == "auto":  # what `nomoat finetune` picks here with no --dtype
+        dtype = TrainConfig(data="", out="").base_dtype()
+    lm = load(args.model, dtype="bfloat16", quant="q4", threads=args.threads) if dtype == "qlora" else \
+        load(args.model, dtype=dtype, threads=args.threads)
     rss_load = peak_rss_mib()
     out = Path(args.work) / f"nomoat-{dtype}-{int(train_on_prompt)}"
     cfg = TrainConfig(data=args.data, out=str(out), max_steps=total, batch_size=BATCH, seq_len=SEQ, pack=True,

@@ -43,8 +43,9 @@ def test_no_bf16_xeon_trains_in_float32(monkeypatch: pytest.MonkeyPatch):
     plan = plan_for(threads=1)
     assert plan.train_dtype == "float32"
     assert "BF16" in plan.reasons["train dtype"]
-    # int4 with bf16 activations still decodes fastest without BF16.
-    assert (plan.quant_kernel, plan.activation_dtype, plan.float_dtype) == ("int4", "bfloat16", "float32")
+    # int4 still decodes fastest without BF16; between kernels, and for long prompts, float32 wins.
+    assert (plan.quant_kernel, plan.activation_dtype, plan.float_dtype) == ("int4", "float32", "float32")
+    assert plan.float_matmul_rows == 128
     assert plan.lines()[0].startswith("train dtype: float32 (")
 
 
@@ -53,6 +54,7 @@ def test_bf16_cpu_trains_in_bfloat16():
     assert features.has_fast_bf16
     plan = plan_for(features, threads=2)
     assert plan.train_dtype == "bfloat16"
+    assert (plan.activation_dtype, plan.float_matmul_rows) == ("bfloat16", 0)
     assert plan.threads == 2
     assert "train dtype: bfloat16 (the CPU has AVX-512 BF16)" in plan.lines()
     assert features.describe() == "AVX512 (avx2, avx512f, avx512_bf16)"

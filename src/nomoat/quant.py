@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nomoat.errors import NomoatError
@@ -119,11 +120,17 @@ class _QuantMatmul(torch.autograd.Function):
 
 
 class _QuantLinear(nn.Module):
-    """Shared forward: flatten, cast to bf16, run the kernel, cast back, add bias."""
+    """Shared forward: flatten, cast to bf16, run the kernel, cast back, add bias.
+
+    With `float_rows` > 0, inputs of at least that many rows (a long prompt, a training batch) are
+    multiplied in fp32 by the dequantized weights instead: on CPUs without hardware BF16 that is faster
+    than the kernel's emulated bf16, and exact to the same weights. `set_float_matmul_rows` sets it.
+    """
 
     in_features: int
     out_features: int
     bias: Tensor | None
+    float_rows: int = 0
 
     def _matmul(self, x: Tensor) -> Tensor:  # (M, in) bf16 contiguous -> (M, out) bf16
         raise NotImplementedError
@@ -141,11 +148,13 @@ class _QuantLinear(nn.Module):
                 f"got {x.dtype} {tuple(x.shape)}"
             )
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(_BF16).contiguous()
-        if torch.is_grad_enabled() and x2.requires_grad:
-            y = _QuantMatmul.apply(x2, self)
+        x2 = x.reshape(-1, self.in_features)
+        if self.float_rows and x2.shape[0] >= self.float_rows:
+            y = F.linear(x2.float(), self.dequantize())  # W is constant: autograd gives grad_x only
+        elif torch.is_grad_enabled() and x2.requires_grad:
+            y = _QuantMatmul.apply(x2.to(_BF16).contiguous(), self)
         else:
-            y = self._matmul(x2)
+            y = self._matmul(x2.to(_BF16).contiguous())
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -347,6 +356,18 @@ def quantize_linears(
         parent_name, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent_name), child, done[id(lin)])
     return len(done)
+
+
+def set_float_matmul_rows(module: nn.Module, rows: int) -> int:
+    """Give every quantized layer under `module` (fused ones included) the row count from which it
+    multiplies in fp32 by its dequantized weights (0: always the kernel); returns how many were set."""
+    n = 0
+    for m in module.modules():
+        for layer in (m, getattr(m, "fused", None)):
+            if isinstance(layer, _QuantLinear):
+                layer.float_rows = rows
+                n += 1
+    return n
 
 
 def fuse_rows(layers: list[nn.Module]) -> nn.Module | None:

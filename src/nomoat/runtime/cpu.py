@@ -159,7 +159,11 @@ class CpuPlan:
     Attributes:
         train_dtype: "bfloat16" with hardware BF16, else "float32" (emulated bf16 is 3-5x slower).
         quant_kernel: What `--quant auto` runs a Q4 GGUF on: always "int4" (best decode on both CPU classes).
-        activation_dtype: Activations into the quantized kernels: "bfloat16", which torch's kernels require.
+        activation_dtype: A quantized model's activations between its kernels (norms, attention, embedding):
+            "bfloat16" with hardware BF16, else "float32" (the kernels themselves always take bf16).
+        float_matmul_rows: From this many rows (prompt tokens, training batch tokens) a quantized layer
+            multiplies fp32 activations by its dequantized weights instead of calling the int4/int8 kernel;
+            0: never (with hardware BF16 the kernel is as fast).
         float_dtype: dtype for unquantized inference: "float32".
         threads: Intra-op threads.
         reasons: Path name -> "value: why", one line each.
@@ -170,6 +174,7 @@ class CpuPlan:
     activation_dtype: str
     float_dtype: str
     threads: int
+    float_matmul_rows: int = 0
     reasons: dict[str, str] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
@@ -216,20 +221,26 @@ def plan_for(features: CpuFeatures | None = None, threads: int | None = None) ->
     # Measured on a Xeon without BF16: int4 decode 40.7 tok/s vs float32 24.2 and int8 28.4, so int4 wins
     # even with emulated bf16 activations; with hardware BF16 it wins by more.
     kernel_why = "fastest decode on CPUs with and without BF16"
-    act_why = "torch's int4/int8 weight-only kernels require it"
-    if not fast:
-        act_why += "; emulated here, still faster than float32 weights for decode"
+    if fast:
+        act, act_why = "bfloat16", "hardware BF16; the int4/int8 kernels take bf16 inputs anyway"
+        rows, rows_why = 0, "never: the int4 kernel is as fast as float32 for prompts here"
+    else:
+        # Measured with torch limited to AVX2: between the kernels, float32 decodes 13% faster than
+        # emulated bf16; for 128+ rows fp32 over dequantized weights beats the kernel (2.2 vs 2.7 ms at
+        # 128 rows, 5.7 vs 8.8 ms at 512), below it loses (1.6 vs 1.2 ms at 64).
+        act, act_why = "float32", "no hardware BF16: bf16 between the kernels would be emulated"
+        rows, rows_why = 128, "float32 over dequantized weights from 128 rows (prompts, training): faster here"
     float_why = "full precision for unquantized weights"
-    if not fast:
-        float_why = "no hardware BF16, and prompt processing measured faster in float32"
     reasons = {
         "train dtype": f"{train_dtype}: {bf16_why}",
         "quant kernel": f"int4: {kernel_why}",
-        "activation dtype": f"bfloat16: {act_why}",
+        "activation dtype": f"{act}: {act_why}",
+        "float matmul rows": f"{rows or 'never'}: {rows_why.removeprefix('never: ')}",
         "float dtype": f"float32: {float_why}",
         "threads": f"{threads}: {threads_why}",
     }
-    return CpuPlan(train_dtype, "int4", "bfloat16", "float32", threads, reasons)
+    return CpuPlan(train_dtype=train_dtype, quant_kernel="int4", activation_dtype=act, float_dtype="float32",
+                   threads=threads, float_matmul_rows=rows, reasons=reasons)
 
 
 def _checked(threads: int) -> int:

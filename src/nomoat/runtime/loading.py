@@ -202,7 +202,8 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, quant: str
 
     quant: "none" keeps float weights in `dtype`; "q4"/"q8" run every linear layer (and the output
     head) on int4/int8 weight-only kernels with bf16 activations; "auto" does so when the file's
-    weights are quantized. Quantized models compute in bf16 whatever `dtype` says.
+    weights are quantized. Between the kernels a quantized model computes in the CPU plan's activation
+    dtype (bf16 with hardware BF16, else float32) whatever `dtype` says.
     dtype: float32 / bfloat16 / float16; None takes the CPU plan's choice for inference (float32).
     threads: None takes the cores free of other work (`nomoat.runtime.cpu`).
     """
@@ -219,7 +220,7 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, quant: str
     tokenizer = load_tokenizer(ckpt)
     names = ckpt.hf_names()
     quantize = quantizes(ckpt, quant)
-    torch_dtype = torch.bfloat16 if quantize else DTYPES[dtype]
+    torch_dtype = DTYPES[cpu.activation_dtype] if quantize else DTYPES[dtype]
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, torch.nn.Module] = {}
     types = {n: ckpt.qtype(n) for n in names}
@@ -244,9 +245,10 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, quant: str
     model = build_model(cfg, tensors, modules, ckpt.arch)
     if quantize:
         from nomoat.model.llama import fuse_projections
-        from nomoat.quant import fuse_rows
+        from nomoat.quant import fuse_rows, set_float_matmul_rows
 
         fuse_projections(model, fuse_rows)
+        set_float_matmul_rows(model, cpu.float_matmul_rows)
     _release_freed_memory()
     return LoadedModel(model=model, tokenizer=tokenizer, config=cfg, source=Path(ckpt.path),
                        source_format="gguf" if isinstance(ckpt, GGUFModelFile) else "hf",

@@ -231,6 +231,8 @@ def finetune(lm, cfg: TrainConfig, resume: bool = False, overwrite: bool = False
         "final_train_loss": res.final_train_loss,
         "final_val_loss": res.final_val_loss,
         "gradient_checkpointing": model.gradient_checkpointing,
+        "base_dtype": str(model.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
         "complete": res.step >= total_steps,
     }
     write_peft_dir(out, lcfg, adapter_state_dict(model, ADAPTER), lm.name, summary,
