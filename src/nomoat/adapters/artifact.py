@@ -142,7 +142,7 @@ def write_adapter(out: str | Path, cfg: LoraConfig, tensors: dict[str, torch.Ten
         if model_cfg is None:
             raise NomoatError(f"{out}: writing a GGUF adapter needs the base model (--model)")
         return write_gguf_adapter(out, cfg, tensors, scales, model_cfg, meta, dtype=dtype)
-    base = str(meta.get("base_name") or meta.get("base_model_name_or_path") or "")
+    base = str(meta.get("base_model_name_or_path") or meta.get("base_name") or "")
     return write_peft_dir(out, cfg, tensors, base, meta)
 
 
@@ -205,11 +205,11 @@ def load_adapter(lm, path: str | Path, name: str | None = None, weight: float = 
     base, i = name, 2
     while name in existing:
         name, i = f"{base}-{i}", i + 1
+    current = active_weights(lm.model)
     load_adapter_weights(lm.model, tensors, scales, name=name, dropout=0.0)
     if activate:
-        current = active_weights(lm.model)
         current[name] = weight
-        set_active(lm.model, current)
+    set_active(lm.model, current)  # a new adapter is switched off unless `activate`
     return name
 
 

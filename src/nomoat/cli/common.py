@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
 from nomoat import defaults
 
@@ -29,13 +29,10 @@ QUANT_DEFAULT = defaults.QUANT
 
 
 def print_rows(rows: list[tuple[str, str]]) -> None:
-    """A two-column table of (field, value), never cut at the terminal's width."""
-    t = Table(show_header=False, box=None)
-    t.add_column(no_wrap=True)
-    t.add_column(overflow="fold")
+    """Aligned `field  value` lines, never wrapped or cut at the terminal's width (paths stay copyable)."""
+    width = max((len(k) for k, _ in rows), default=0)
     for k, v in rows:
-        t.add_row(f"[bold]{k}[/bold]", v)
-    out.print(t, soft_wrap=True)
+        out.print(f"[bold]{escape(k):<{width}}[/bold]  {escape(v)}", soft_wrap=True, highlight=False)
 
 
 def print_stats(lm, st) -> None:

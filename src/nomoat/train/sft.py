@@ -194,6 +194,9 @@ def finetune(lm, cfg: TrainConfig, resume: bool = False, overwrite: bool = False
             say(note)
     objective = SFTObjective(train_rows, val_rows, Batches(lm.tokenizer.pad_id), cfg.batch_size, cfg.seed)
     total_steps = cfg.max_steps or max(1, math.ceil(objective.batches_per_epoch * cfg.epochs / cfg.grad_accum))
+    say(f"{len(train_rows)} training / {len(val_rows)} validation examples, {total_steps} steps "
+        f"({cfg.epochs:g} epochs, lr {cfg.lr:g}), base weights {str(lm.model.dtype).removeprefix('torch.')}, "
+        f"{torch.get_num_threads()} threads")
 
     model = lm.model
     lcfg = cfg.lora()
@@ -215,6 +218,7 @@ def finetune(lm, cfg: TrainConfig, resume: bool = False, overwrite: bool = False
     summary = {
         "nomoat_version": __version__,
         "base_name": lm.name,
+        "base_model_name_or_path": lm.base_model_id,
         "base_source": str(lm.source),
         "base_fingerprint": fingerprint,
         "data": str(cfg.data),
@@ -235,7 +239,7 @@ def finetune(lm, cfg: TrainConfig, resume: bool = False, overwrite: bool = False
         "threads": torch.get_num_threads(),
         "complete": res.step >= total_steps,
     }
-    write_peft_dir(out, lcfg, adapter_state_dict(model, ADAPTER), lm.name, summary,
+    write_peft_dir(out, lcfg, adapter_state_dict(model, ADAPTER), lm.base_model_id, summary,
                    extra_files={"training_log.json": json.dumps({"summary": summary, "history": res.history},
                                                                 indent=1).encode()})
     save_loss_curve(out, res.history)
