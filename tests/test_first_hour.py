@@ -127,3 +127,10 @@ def test_info_prints_the_whole_path_and_names_an_unsupported_model(dotted, tmp_p
     other = write_tiny_gguf(make_tiny_lm(), tmp_path / "other.gguf", arch="gpt2")
     code, out, err = run_cli(["info", "-m", str(other)], monkeypatch, capsys)
     assert code == 1 and "a GGUF gpt2 model" in err and "not supported" in err
+
+
+def test_targets_given_as_one_comma_list() -> None:
+    from nomoat.lora import resolve_targets
+
+    assert resolve_targets(["q,v"]) == ["q_proj", "v_proj"]  # what `--targets q,v` passes
+    assert resolve_targets("q, gate ,down") == ["q_proj", "gate_proj", "down_proj"]

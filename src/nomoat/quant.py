@@ -119,6 +119,22 @@ class _QuantMatmul(torch.autograd.Function):
         return ctx.layer._grad_input(grad_out), None
 
 
+class _DequantMatmul(torch.autograd.Function):
+    """y = x @ W.T in fp32 over the dequantized weights; backward rebuilds W rather than keeping it, so
+    training holds no float copy of the frozen base between forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: _QuantLinear) -> Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize())
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None]:  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad_out @ ctx.layer.dequantize(), None
+
+
 class _QuantLinear(nn.Module):
     """Shared forward: flatten, cast to bf16, run the kernel, cast back, add bias.
 
@@ -150,7 +166,9 @@ class _QuantLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.float_rows and x2.shape[0] >= self.float_rows:
-            y = F.linear(x2.float(), self.dequantize())  # W is constant: autograd gives grad_x only
+            xf = x2.float()
+            y = _DequantMatmul.apply(xf, self) if torch.is_grad_enabled() and xf.requires_grad else \
+                F.linear(xf, self.dequantize())
         elif torch.is_grad_enabled() and x2.requires_grad:
             y = _QuantMatmul.apply(x2.to(_BF16).contiguous(), self)
         else:

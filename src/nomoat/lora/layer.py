@@ -27,7 +27,8 @@ ALL_LINEAR = LLAMA.linear_leaves
 
 def resolve_targets(spec: str | Iterable[str]) -> list[str]:
     """`"q,v"`, `["q_proj", "v_proj"]` or `"all-linear"` -> module short names."""
-    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    # "q,v" may come as one string or inside a list (the CLI's --targets); split on commas either way.
+    items = [s.strip() for part in ([spec] if isinstance(spec, str) else spec) for s in part.split(",")]
     out: list[str] = []
     for s in items:
         if s in ("all-linear", "all"):

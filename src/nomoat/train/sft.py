@@ -194,8 +194,9 @@ def finetune(lm, cfg: TrainConfig, resume: bool = False, overwrite: bool = False
             say(note)
     objective = SFTObjective(train_rows, val_rows, Batches(lm.tokenizer.pad_id), cfg.batch_size, cfg.seed)
     total_steps = cfg.max_steps or max(1, math.ceil(objective.batches_per_epoch * cfg.epochs / cfg.grad_accum))
-    say(f"{len(train_rows)} training / {len(val_rows)} validation examples, {total_steps} steps "
-        f"({cfg.epochs:g} epochs, lr {cfg.lr:g}), base weights {str(lm.model.dtype).removeprefix('torch.')}, "
+    length = f"max {cfg.max_steps} steps" if cfg.max_steps else f"{cfg.epochs:g} epoch(s)"
+    say(f"{len(train_rows)} training / {len(val_rows)} validation examples: {total_steps} steps ({length}, "
+        f"lr {cfg.lr:g}), base weights {str(lm.model.dtype).removeprefix('torch.')}, "
         f"{torch.get_num_threads()} threads")
 
     model = lm.model
