@@ -107,7 +107,7 @@ def finetune(
     a run is likely too short to learn much.
     """
     from nomoat.runtime.loading import load
-    from nomoat.train.sft import TrainConfig
+    from nomoat.train.sft import TrainConfig, check_out
     from nomoat.train.sft import finetune as run
 
     if resume is not None and resume != out_dir:
@@ -122,6 +122,7 @@ def finetune(
                       alpha=alpha, dropout=dropout, targets=[targets], rslora=rslora, dtype=dtype)
     if resume is None:
         cfg.check()
+    check_out(out_dir, resume=resume is not None, overwrite=overwrite)  # before minutes of loading
     with status("loading model..."):
         lm = load(model, dtype=cfg.base_dtype(), threads=threads, quant="q4" if qlora else "none")
     summary = run_with_progress(lambda on_step, say: run(lm, cfg, resume=resume is not None, overwrite=overwrite,

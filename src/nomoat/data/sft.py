@@ -133,25 +133,49 @@ def _read_lines(text: str, name: str) -> list[tuple[int, Any]]:
             records.append((line, json.loads(row)))
         except json.JSONDecodeError as e:
             raise NomoatError(f"{name}:{line}: invalid JSON: {e.msg} (column {e.colno})") from None
+        except RecursionError:
+            raise NomoatError(f"{name}:{line}: JSON nested too deeply") from None
     return records
 
 
 def _read_array(text: str, name: str) -> list[tuple[int, Any]]:
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise NomoatError(f"{name}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-    if not items:
-        raise NomoatError(f"{name}:1: the JSON array holds no records")
-    # json.loads keeps no positions, so walk the (now known valid) array again for each element's line.
+    """The elements of a top-level JSON array with each one's line, in one linear pass."""
     decoder = json.JSONDecoder()
-    lines, pos = [], text.index("[") + 1
-    for _ in items:
-        while text[pos] in " \t\r\n,":
-            pos += 1
-        lines.append(text.count("\n", 0, pos) + 1)
-        _, pos = decoder.raw_decode(text, pos)
-    return list(zip(lines, items, strict=True))
+    records: list[tuple[int, Any]] = []
+    pos, line, counted = text.index("[") + 1, 1, 0
+    end = len(text)
+
+    def skip(p: int) -> int:
+        while p < end and text[p] in " \t\r\n":
+            p += 1
+        return p
+
+    def fail(p: int, what: str) -> NomoatError:
+        return NomoatError(f"{name}:{text.count(chr(10), 0, p) + 1}: invalid JSON: {what}")
+
+    pos = skip(pos)
+    while pos < end and text[pos] != "]":
+        line += text.count("\n", counted, pos)  # only the stretch since the last record: linear overall
+        counted = pos
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise NomoatError(f"{name}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+        except RecursionError:
+            raise NomoatError(f"{name}:{line}: JSON nested too deeply") from None
+        records.append((line, item))
+        pos = skip(pos)
+        if pos < end and text[pos] == ",":
+            pos = skip(pos + 1)
+        elif pos < end and text[pos] != "]":
+            raise fail(pos, "expected ',' or ']' between records")
+    if pos >= end:
+        raise fail(end, "the JSON array is not closed")
+    if text[pos + 1:].strip():
+        raise fail(pos + 1, "extra data after the JSON array")
+    if not records:
+        raise NomoatError(f"{name}:1: the JSON array holds no records")
+    return records
 
 
 def _detect_format(rec: dict, src: str) -> str:

@@ -7,6 +7,7 @@ anything so that a truncated or hostile file is refused cheaply.
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,27 +138,38 @@ def parse_gguf(path: Path) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
     fields: dict[str, Any] = {"GGUF.version": version}
     for _ in range(n_kv):
         key = cur.string()
+        if key in fields:
+            raise NomoatError(f"{path}: metadata key {key} appears twice")
         fields[key] = cur.value(cur.scalar("<I"))
     infos = []
     for _ in range(n_tensors):
         name = cur.string()
         n_dims = cur.scalar("<I")
-        if n_dims > 8:
+        if not 1 <= n_dims <= 4:
             raise NomoatError(f"{path}: tensor {name} declares {n_dims} dimensions")
         dims = [cur.scalar("<Q") for _ in range(n_dims)]
+        if min(dims) < 1:
+            raise NomoatError(f"{path}: tensor {name} has a dimension of 0 ({dims})")
         infos.append((name, dims, cur.scalar("<I"), cur.scalar("<Q")))
-    align = int(fields.get("general.alignment", 32))
+    align = fields.get("general.alignment", 32)
+    if not isinstance(align, int) or isinstance(align, bool) or not 1 <= align <= 1 << 16 or align & (align - 1):
+        raise NomoatError(f"{path}: general.alignment = {align!r} is not a power of two")
     start = -(-cur.pos // align) * align
     tensors: dict[str, GGUFTensor] = {}
     for name, dims, ttype, offset in infos:
+        if name in tensors:
+            raise NomoatError(f"{path}: tensor {name} appears twice")
         try:
             qtype = gguf.GGMLQuantizationType(ttype)
         except ValueError:
             raise NomoatError(f"{path}: tensor {name} has unknown type id {ttype}") from None
         block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-        n_elems = int(np.prod(dims, dtype=np.float64)) if dims else 1
+        n_elems = int(np.prod(dims, dtype=np.float64))
         if n_elems > len(mm) * 64 or dims[0] % block:
             raise NomoatError(f"{path}: tensor {name} declares an impossible shape {dims}")
+        if offset % align:
+            raise NomoatError(f"{path}: tensor {name} starts at offset {offset}, not a multiple of the "
+                              f"alignment {align}")
         n_bytes = n_elems // block * type_size
         begin = start + offset
         if begin + n_bytes > len(mm):
@@ -169,7 +181,25 @@ def parse_gguf(path: Path) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
         else:
             data = raw.reshape(rows, dims[0] // block * type_size)
         tensors[name] = GGUFTensor(name, qtype, np.array(dims), begin, n_bytes, data)
+    _check_layout(path, tensors, start, align, len(mm))
     return fields, tensors
+
+
+def _check_layout(path: Path, tensors: dict[str, GGUFTensor], start: int, align: int, size: int) -> None:
+    """Tensors must tile the data section as GGUF writers lay it out: in offset order, each padded to the
+    alignment, none overlapping. A changed type or shape, an offset pointing into another tensor, or a
+    wrong alignment (which shifts where the data section starts) shows up as an overlap or a gap."""
+    pos, before = start, "the data section's start"
+    for t in sorted(tensors.values(), key=lambda t: t.data_offset):
+        if t.data_offset < pos:
+            raise NomoatError(f"{path}: tensor {t.name} overlaps {before} (a wrong type, shape or offset)")
+        if t.data_offset - pos >= align:
+            raise NomoatError(f"{path}: {t.data_offset - pos} unused bytes between {before} and tensor {t.name} "
+                              "(a wrong type, shape or offset)")
+        pos, before = t.data_offset + t.n_bytes, f"tensor {t.name}"
+        pos = -(-pos // align) * align
+    if tensors and size - pos >= align:
+        raise NomoatError(f"{path}: {size - pos} bytes after the last tensor (a wrong alignment, type or shape)")
 
 
 class GGUFModelFile:
@@ -192,36 +222,53 @@ class GGUFModelFile:
     def _arch(self, key: str, default: Any = None) -> Any:
         return self.get(f"{self.arch}.{key}", default)
 
+    def _num(self, key: str, kind: type, default: Any = None) -> Any:
+        """A numeric `{arch}.{key}` field, or a one-line error naming it when missing or mistyped."""
+        v = self._arch(key, default)
+        if v is None:
+            raise NomoatError(f"{self.path}: metadata field {self.arch}.{key} is missing")
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and (kind is float or float(v).is_integer())
+        if not ok:
+            raise NomoatError(f"{self.path}: metadata field {self.arch}.{key} = {v!r} is not a"
+                              + (" number" if kind is float else "n integer"))
+        return kind(v)
+
     def config(self) -> LlamaConfig:
-        need = {k: self._arch(k) for k in ("block_count", "embedding_length", "feed_forward_length",
-                                           "attention.head_count")}
-        for k, v in need.items():
-            if v is None:
-                raise NomoatError(f"{self.path}: metadata field {self.arch}.{k} is missing")
-        n_head = int(need["attention.head_count"])
-        hidden = int(need["embedding_length"])
-        vocab = self._arch("vocab_size") or len(self.get("tokenizer.ggml.tokens") or ())
+        n_head = self._num("attention.head_count", int)
+        hidden = self._num("embedding_length", int)
+        tokens = self.get("tokenizer.ggml.tokens") or ()
+        vocab = self._num("vocab_size", int, len(tokens) or None)
         rope_scaling = None
         if self._arch("rope.scaling.type") == "linear":
-            rope_scaling = {"rope_type": "linear", "factor": float(self._arch("rope.scaling.factor"))}
-        cfg = LlamaConfig(
-            vocab_size=int(vocab),
-            hidden_size=hidden,
-            intermediate_size=int(need["feed_forward_length"]),
-            num_hidden_layers=int(need["block_count"]),
-            num_attention_heads=n_head,
-            num_key_value_heads=int(self._arch("attention.head_count_kv", n_head)),
-            head_dim=int(self._arch("attention.key_length", 0) or self._arch("rope.dimension_count", 0)
-                         or hidden // n_head),
-            rms_norm_eps=float(self._arch("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(self._arch("rope.freq_base", 10000.0)),
-            rope_scaling=rope_scaling,
-            max_position_embeddings=int(self._arch("context_length", 2048)),
-            tie_word_embeddings="output.weight" not in self.tensors,
-            bos_token_id=self.get("tokenizer.ggml.bos_token_id"),
-            eos_token_id=self.get("tokenizer.ggml.eos_token_id"),
-            name=str(self.get("general.name", self.path.stem)),
-        )
+            rope_scaling = {"rope_type": "linear", "factor": self._num("rope.scaling.factor", float)}
+        head_dim = self._num("attention.key_length", int, 0) or (hidden // n_head if n_head > 0 else 0)
+        rope_dims = self._num("rope.dimension_count", int, head_dim)
+        if rope_dims != head_dim:
+            raise NomoatError(f"{self.path}: {self.arch}.rope.dimension_count = {rope_dims}, but the heads have "
+                              f"{head_dim} dimensions (partial rotary is not supported)")
+        try:
+            cfg = LlamaConfig(
+                vocab_size=vocab,
+                hidden_size=hidden,
+                intermediate_size=self._num("feed_forward_length", int),
+                num_hidden_layers=self._num("block_count", int),
+                num_attention_heads=n_head,
+                num_key_value_heads=self._num("attention.head_count_kv", int, n_head),
+                head_dim=head_dim,
+                rms_norm_eps=self._num("attention.layer_norm_rms_epsilon", float, 1e-5),
+                rope_theta=self._num("rope.freq_base", float, 10000.0),
+                rope_scaling=rope_scaling,
+                max_position_embeddings=self._num("context_length", int, 2048),
+                tie_word_embeddings="output.weight" not in self.tensors,
+                bos_token_id=self.get("tokenizer.ggml.bos_token_id"),
+                eos_token_id=self.get("tokenizer.ggml.eos_token_id"),
+                name=str(self.get("general.name", self.path.stem)),
+            )
+        except NomoatError as e:
+            raise NomoatError(f"{self.path}: {e}") from None
+        if len(tokens) > cfg.vocab_size:
+            raise NomoatError(f"{self.path}: {self.arch}.vocab_size is {cfg.vocab_size} but the tokenizer has "
+                              f"{len(tokens)} tokens")
         if "rope_freqs.weight" in self.tensors:  # llama3-style scaling stored as per-frequency divisors
             cfg.extra["rope_freq_factors"] = self.raw_float("rope_freqs.weight").tolist()
         return cfg
@@ -247,6 +294,10 @@ class GGUFModelFile:
                 hf = self.architecture.gguf_to_hf_name(name)
                 if hf is None and name not in GGUF_AUXILIARY:
                     raise NomoatError(f"{self.path}: tensor {name} is not part of a {self.arch} model")
+                layer = re.match(r"blk\.(\d+)\.", name)
+                blocks = self._arch("block_count")
+                if layer and isinstance(blocks, int) and int(layer.group(1)) >= blocks:
+                    raise NomoatError(f"{self.path}: tensor {name} is beyond {self.arch}.block_count = {blocks}")
                 if hf is not None:
                     out[hf] = name
             self._names = out

@@ -119,6 +119,9 @@ def read_peft_dir(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]
                 m = _KEY.match(key)
                 if not m:
                     raise NomoatError(f"{st}: unexpected tensor {key!r}")
+                dtype = f.get_slice(key).get_dtype()
+                if dtype not in ("F32", "F16", "BF16", "F64"):
+                    raise NomoatError(f"{st}: tensor {key} is stored as {dtype}, not a float type")
                 tensors[f"{m.group(1)}.{m.group(2)}.weight"] = f.get_tensor(key).float()
     except NomoatError:
         raise

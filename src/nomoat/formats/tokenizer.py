@@ -57,11 +57,39 @@ def _spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]
     return [(a, b) for *_, a, b in found]
 
 
-def tokenizer_from_gguf_metadata(meta: dict[str, Any], source: str) -> HFTokenizer:
-    kind = meta.get("model")
+def _check_gguf_tokenizer(meta: dict[str, Any], source: str) -> None:
+    """Types and lengths of the tokenizer arrays and ids, before any of them is used."""
     tokens = meta.get("tokens")
     if not tokens:
         raise NomoatError(f"{source}: no tokenizer.ggml.tokens in the file")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise NomoatError(f"{source}: tokenizer.ggml.tokens must be an array of strings")
+    for key, kind in (("token_type", int), ("scores", (int, float))):
+        arr = meta.get(key)
+        if arr is not None and (not isinstance(arr, list) or len(arr) != len(tokens)
+                                or not all(isinstance(v, kind) for v in arr)):
+            raise NomoatError(f"{source}: tokenizer.ggml.{key} must hold one number per token ({len(tokens)})")
+    merges = meta.get("merges")
+    if merges is not None:
+        bad = next((m for m in merges if not isinstance(m, str) or " " not in m.strip(" ")), None) \
+            if isinstance(merges, list) else merges
+        if bad is not None:
+            raise NomoatError(f"{source}: tokenizer.ggml.merges entry {str(bad)[:40]!r} is not two tokens "
+                              "separated by a space")
+    for key in ("bos_token_id", "eos_token_id", "eot_token_id", "eom_token_id", "unknown_token_id",
+                "padding_token_id"):
+        v = meta.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < len(tokens)):
+            raise NomoatError(f"{source}: tokenizer.ggml.{key} = {v!r} is not a token id (0..{len(tokens) - 1})")
+    tmpl = meta.get("chat_template")
+    if tmpl is not None and not isinstance(tmpl, str):
+        raise NomoatError(f"{source}: tokenizer.chat_template must be a string")
+
+
+def tokenizer_from_gguf_metadata(meta: dict[str, Any], source: str) -> HFTokenizer:
+    _check_gguf_tokenizer(meta, source)
+    kind = meta.get("model")
+    tokens = meta["tokens"]
     types = meta.get("token_type") or [1] * len(tokens)
     if kind == "gpt2":
         alphabet = set(_byte_alphabet().values())

@@ -21,6 +21,7 @@ from torch import nn
 from nomoat.errors import NomoatError
 from nomoat.model.registry import LLAMA
 
+MAX_SCALE = 1e4
 TARGET_ALIASES = LLAMA.aliases
 ALL_LINEAR = LLAMA.linear_leaves
 
@@ -63,6 +64,18 @@ class LoraConfig:
         if not 0 <= self.dropout < 1:
             raise NomoatError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         self.targets = resolve_targets(self.targets)
+        # An update scaled past MAX_SCALE (or by NaN) is a damaged file, not a training choice.
+        for name, v in [("alpha", self.alpha), *((f"alpha_pattern[{k!r}]", a) for k, a in self.alpha_pattern.items())]:
+            if not isinstance(v, int | float) or not math.isfinite(v) or abs(v) > MAX_SCALE:
+                raise NomoatError(f"LoRA {name} = {v!r} is not a finite number of sane size (|alpha| <= {MAX_SCALE:g})")
+        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            for key, v in pattern.items():
+                try:
+                    re.compile(key)
+                except re.error as e:
+                    raise NomoatError(f"LoRA {name} key {key!r} is not a valid regular expression ({e})") from None
+                if name == "rank_pattern" and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                    raise NomoatError(f"LoRA rank_pattern[{key!r}] = {v!r} is not a positive integer")
 
     @staticmethod
     def _match(pattern: dict[str, Any], name: str) -> Any:

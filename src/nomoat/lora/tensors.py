@@ -14,6 +14,8 @@ import torch
 from nomoat.errors import NomoatError
 from nomoat.lora.layer import LoraConfig
 
+MAX_ABS = 1e4  # LoRA factors are O(1); anything this large overflows the update to inf in float32
+
 
 def lora_modules_of(tensors: dict[str, torch.Tensor], source: str) -> list[str]:
     """Module paths of '<module>.lora_A.weight' / '.lora_B.weight' tensors, each with both halves."""
@@ -54,6 +56,10 @@ def check_lora_pair(mod: str, A: torch.Tensor, B: torch.Tensor, layer: tuple[int
     r = check_lora_shapes(mod, tuple(A.shape), tuple(B.shape), layer, source)
     if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
         raise NomoatError(f"{source}: {mod} has NaN or inf values")
+    peak = max(float(A.abs().max()), float(B.abs().max()))
+    if peak > MAX_ABS:
+        raise NomoatError(f"{source}: {mod} has values up to {peak:.3g} (LoRA factors stay far below {MAX_ABS:g}: "
+                          "a damaged file)")
     return r
 
 

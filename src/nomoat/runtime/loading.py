@@ -173,6 +173,21 @@ class LinearPlan:
         return f"{self.source} -> {target}" + (f" ({self.how})" if self.how else "")
 
 
+def check_shapes(ckpt: GGUFModelFile | HFModelDir, cfg: LlamaConfig) -> None:
+    """Every tensor's header shape against what the config implies, and every weight present, before
+    anything is read or allocated (a wrong layer count, head size or vocabulary fails here, by name)."""
+    want = architecture(ckpt.arch).tensor_shapes(cfg)
+    names = ckpt.hf_names()
+    for name in names:
+        expected = want.get(name, (cfg.vocab_size, cfg.hidden_size) if name == "lm_head.weight" else None)
+        if expected is not None and tuple(ckpt.shape(name)) != tuple(expected):
+            raise NomoatError(f"{ckpt.path}: tensor {name} has shape {list(ckpt.shape(name))}, the model's metadata "
+                              f"implies {list(expected)}")
+    missing = [n for n in want if n not in names]
+    if missing:
+        raise NomoatError(f"{ckpt.path}: {len(missing)} tensors are missing, e.g. {missing[0]}")
+
+
 def plan_linear(ckpt: GGUFModelFile | HFModelDir, name: str, mode: str) -> LinearPlan:
     """How a linear weight runs under `mode` (q4/q8/auto; anything else: float).
 
@@ -251,6 +266,7 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, quant: str
     cfg = ckpt.config()
     tokenizer = load_tokenizer(ckpt)
     names = ckpt.hf_names()
+    check_shapes(ckpt, cfg)
     quantize = quantizes(ckpt, quant)
     torch_dtype = DTYPES[cpu.activation_dtype] if quantize else DTYPES[dtype]
     tensors: dict[str, torch.Tensor] = {}

@@ -81,4 +81,8 @@ def load_checkpoint(out: Path) -> Checkpoint:
         rng = load_file(str(ck / "rng.safetensors"))["torch_rng"]
     except Exception as e:
         raise NomoatError(f"{ck}: checkpoint is unreadable ({e})") from None
+    for key, kind in (("step", int), ("micro", int), ("tokens_seen", int), ("history", list),
+                      ("wall_seconds", (int, float)), ("optimizer", dict)):
+        if not isinstance(state.get(key) if isinstance(state, dict) else None, kind):
+            raise NomoatError(f"{ck}/state.json: field {key!r} is missing or of the wrong type")
     return Checkpoint(adapter, opt, rng, state)

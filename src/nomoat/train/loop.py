@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
+from nomoat.errors import NomoatError
 from nomoat.train.checkpoint import Checkpoint, restore_optimizer, save_checkpoint
 
 
@@ -112,8 +113,17 @@ def train_loop(model: torch.nn.Module, objective: Objective, cfg: LoopConfig, ou
     res = LoopResult(step=0, tokens_seen=0)
     micro, wall_before = 0, 0.0
     if resume is not None:
+        current = trained()
+        for k, v in current.items():
+            saved = resume.tensors.get(k)
+            if saved is None or saved.shape != v.shape:
+                raise NomoatError(f"{out}: the checkpoint's {k} is {None if saved is None else list(saved.shape)}, "
+                                  f"the run's settings make it {list(v.shape)} (edited state.json?)")
+        if set(resume.tensors) - set(current):
+            raise NomoatError(f"{out}: the checkpoint holds tensors this run does not train, e.g. "
+                              f"{sorted(set(resume.tensors) - set(current))[0]}")
         with torch.no_grad():
-            for k, v in trained().items():
+            for k, v in current.items():
                 v.copy_(resume.tensors[k])
         restore_optimizer(opt, resume.optimizer, resume.state["optimizer"])
         res.step, micro, res.tokens_seen = resume.state["step"], resume.state["micro"], resume.state["tokens_seen"]

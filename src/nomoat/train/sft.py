@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,6 +67,24 @@ class TrainConfig:
     rslora: bool = False
     dtype: str | None = None  # base weights; None: bfloat16 with hardware BF16, else float32
 
+    @classmethod
+    def from_saved(cls, d: Any, source: str) -> TrainConfig:
+        """The config a checkpoint's state.json recorded, checked field by field."""
+        if not isinstance(d, dict):
+            raise NomoatError(f"{source}: no run config recorded")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise NomoatError(f"{source}: unknown config field {unknown[0]!r}")
+        try:
+            cfg = cls(**d)
+            cfg.check()
+        except TypeError as e:
+            raise NomoatError(f"{source}: bad config ({e})") from None
+        except NomoatError as e:
+            raise NomoatError(f"{source}: {e}") from None
+        return cfg
+
     def base_dtype(self) -> str:
         """The base weights' dtype: as given, else what this CPU trains fastest in."""
         from nomoat.runtime.cpu import plan_for
@@ -112,18 +132,36 @@ class TrainConfig:
         self.lora()  # validates rank, dropout, targets
 
 
-def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+def check_out(out: str | Path, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse an unusable --out before anything loads or is created: not a directory, not writable, or
+    holding files (unless resuming or overwriting). A first checkpoint cut short (only its temporary
+    directory, from a kill while writing) counts as empty."""
+    out = Path(out)
+    tmp = out / f".{CHECKPOINT_DIR}.tmp"
     if resume:
         if not (out / CHECKPOINT_DIR / "state.json").exists() and not (out / f".{CHECKPOINT_DIR}.old").exists():
-            raise NomoatError(f"{out}: nothing to resume (no {CHECKPOINT_DIR}/state.json)")
-        return
-    if out.exists() and not out.is_dir():
+            hint = (" (its first checkpoint was interrupted while being written: start again with --overwrite)"
+                    if tmp.exists() else "")
+            raise NomoatError(f"{out}: nothing to resume (no {CHECKPOINT_DIR}/state.json){hint}")
+    elif out.exists() and not out.is_dir():
         raise NomoatError(f"{out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    elif out.exists() and any(p != tmp for p in out.iterdir()) and not overwrite:
         what = "a previous run" if (out / META_FILE).exists() or (out / CHECKPOINT_DIR).exists() else "files"
         raise NomoatError(f"{out}: already holds {what}; use --resume to continue it, --overwrite to replace "
                           "it, or another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise NomoatError(f"{out}: cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise NomoatError(f"{out}: not writable ({existing} does not allow writing)")
+
+
+def _make_out(out: Path) -> None:
+    shutil.rmtree(out / f".{CHECKPOINT_DIR}.tmp", ignore_errors=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise NomoatError(f"{out}: cannot create the output directory ({e.strerror})") from None
 
 
 @dataclass
@@ -167,9 +205,9 @@ def finetune(lm, cfg: TrainConfig, resume: bool = False, overwrite: bool = False
     out = Path(cfg.out)
     ckpt = None
     if resume:
-        _prepare_out(out, True, False)
+        check_out(out, resume=True)
         ckpt = load_checkpoint(out)
-        saved = TrainConfig(**ckpt.state["config"])
+        saved = TrainConfig.from_saved(ckpt.state.get("config"), f"{out}/{CHECKPOINT_DIR}/state.json")
         saved.out = cfg.out
         if Path(cfg.data).exists() and data_fingerprint(cfg.data) != ckpt.state["data_sha256"]:
             raise NomoatError(f"{cfg.data}: differs from the data the run in {out} was trained on")
@@ -177,7 +215,7 @@ def finetune(lm, cfg: TrainConfig, resume: bool = False, overwrite: bool = False
         cfg = saved
     else:
         cfg.check()
-        _prepare_out(out, False, overwrite)
+        check_out(out, overwrite=overwrite)
     torch.manual_seed(cfg.seed)
     examples = load_examples(cfg.data, cfg.format)
     data_sha = data_fingerprint(cfg.data)
@@ -188,6 +226,7 @@ def finetune(lm, cfg: TrainConfig, resume: bool = False, overwrite: bool = False
         say(f"skipped {len(skipped)} examples with no response token within --seq-len {cfg.seq_len} "
             f"(first: {skipped[0]})")
     train_rows, val_rows = split_validation(rows, cfg.val_fraction, cfg.seed)
+    _make_out(out)  # only now, so that refused data leaves nothing behind
     if not resume:
         cfg, notes = cfg.resolved(len(train_rows))
         for note in notes:

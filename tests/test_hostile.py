@@ -1,0 +1,253 @@
+"""Damaged and hostile files are refused with one line naming file and field, before any large allocation.
+
+GGUF files here are written byte by byte (not with a library writer) so that every field can be set to a
+wrong type, a wrong value, or twice; each starts from the tiny test model's pristine file.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_tiny_lm, write_tiny_gguf
+from test_bad_input import assert_one_line_error, run_cli
+
+from nomoat.api import convert_to_hf
+from nomoat.formats.gguf_read import parse_gguf
+
+U32, I32, F32, BOOL, STR, ARR = 4, 5, 6, 7, 8, 9
+
+
+def _value(v) -> tuple[int, bytes]:
+    """GGUF (type, payload) for a Python value; ints are int32, floats float32, lists typed by their first item."""
+    if isinstance(v, bool):
+        return BOOL, struct.pack("<?", v)
+    if isinstance(v, int):
+        return I32, struct.pack("<i", v)
+    if isinstance(v, float):
+        return F32, struct.pack("<f", v)
+    if isinstance(v, str):
+        b = v.encode()
+        return STR, struct.pack("<Q", len(b)) + b
+    if isinstance(v, tuple) and v and v[0] == "u32-array":  # ("u32-array", [...]): a mistyped array
+        return ARR, struct.pack("<IQ", U32, len(v[1])) + b"".join(struct.pack("<I", x) for x in v[1])
+    if isinstance(v, list):
+        t = _value(v[0])[0] if v else I32
+        return ARR, struct.pack("<IQ", t, len(v)) + b"".join(_value(x)[1] for x in v)
+    raise TypeError(v)
+
+
+def write_gguf(path: Path, kv: list[tuple[str, object]], tensors: list[tuple[str, list[int], int, bytes]],
+               align: int = 32, offsets: dict[str, int] | None = None) -> Path:
+    """A GGUF v3 file: kv pairs in order (duplicates allowed), tensors (name, dims, type id, data)."""
+    out = bytearray(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kv)))
+    for key, v in kv:
+        t, payload = _value(v)
+        kb = key.encode()
+        out += struct.pack("<Q", len(kb)) + kb + struct.pack("<I", t) + payload
+    pos, placed = 0, []
+    for name, dims, ttype, data in tensors:
+        off = (offsets or {}).get(name, pos)
+        nb = name.encode()
+        out += struct.pack("<Q", len(nb)) + nb + struct.pack("<I", len(dims)) + b"".join(
+            struct.pack("<Q", d) for d in dims) + struct.pack("<IQ", ttype, off)
+        placed.append(data)
+        pos = -(-(pos + len(data)) // 32) * 32
+    out += bytes(-len(out) % 32)
+    for data in placed:
+        out += data + bytes(-len(data) % 32)
+    path.write_bytes(bytes(out))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """The tiny model's GGUF as (kv list, tensor list) to mutate."""
+    d = tmp_path_factory.mktemp("hostile")
+    src = write_tiny_gguf(make_tiny_lm(), d / "tiny.gguf")
+    fields, tensors = parse_gguf(src)
+    kv = [(k, v) for k, v in fields.items() if k != "GGUF.version"]
+    ts = [(t.name, [int(x) for x in t.shape], int(t.tensor_type), np.asarray(t.data).tobytes())
+          for t in sorted(tensors.values(), key=lambda t: t.data_offset)]
+    return d, kv, ts
+
+
+def _set(kv, key, value):
+    return [(k, value if k == key else v) for k, v in kv]
+
+
+CASES = {
+    # name: (mutation of (kv, tensors) -> (kv, tensors, extra write kwargs), text the error must contain)
+    "alignment-7": (lambda kv, ts: (kv + [("general.alignment", 7)], ts, {}), "general.alignment"),
+    "alignment-1": (lambda kv, ts: (kv + [("general.alignment", 1)], ts, {}), "bytes"),
+    "alignment-0": (lambda kv, ts: (kv + [("general.alignment", 0)], ts, {}), "general.alignment"),
+    "rope-base-nan": (lambda kv, ts: (_set(kv, "llama.rope.freq_base", float("nan")), ts, {}), "rope_theta"),
+    "rope-base-negative": (lambda kv, ts: (_set(kv, "llama.rope.freq_base", -1.0), ts, {}), "rope_theta"),
+    "eps-nan": (lambda kv, ts: (_set(kv, "llama.attention.layer_norm_rms_epsilon", float("nan")), ts, {}),
+                "rms_norm_eps"),
+    "duplicate-key": (lambda kv, ts: (kv + [("llama.block_count", 2)], ts, {}), "appears twice"),
+    "block-count-string": (lambda kv, ts: (_set(kv, "llama.block_count", "2"), ts, {}), "llama.block_count"),
+    "block-count-short": (lambda kv, ts: (_set(kv, "llama.block_count", 1), ts, {}), "block_count"),
+    "block-count-long": (lambda kv, ts: (_set(kv, "llama.block_count", 3), ts, {}), "missing"),
+    "rope-dims-63": (lambda kv, ts: (_set(kv, "llama.rope.dimension_count", 15), ts, {}), "dimension_count"),
+    "eos-string": (lambda kv, ts: (_set(kv, "tokenizer.ggml.eos_token_id", "2"), ts, {}), "eos_token_id"),
+    "tokens-u32": (lambda kv, ts: ([(k, ("u32-array", list(range(len(v)))) if k == "tokenizer.ggml.tokens" else v)
+                                    for k, v in kv], ts, {}), "tokenizer.ggml.tokens"),
+    "token-type-one": (lambda kv, ts: (_set(kv, "tokenizer.ggml.token_type", [1]), ts, {}), "token_type"),
+    "merge-without-space": (lambda kv, ts: ([(k, ["ab"] + v[1:] if k == "tokenizer.ggml.merges" else v)
+                                             for k, v in kv], ts, {}), "merges"),
+    "template-int": (lambda kv, ts: (_set(kv, "tokenizer.chat_template", 7), ts, {}), "chat_template"),
+    "huge-vocab": (lambda kv, ts: (_set(kv, "llama.vocab_size", 1 << 24), ts, {}), "embed_tokens"),
+    "dim-zero": (lambda kv, ts: (kv, [(n, [0, *d[1:]] if n == "output_norm.weight" else d, t, b)
+                                      for n, d, t, b in ts], {}), "dimension of 0"),
+    "type-to-f16": (lambda kv, ts: (kv, [(n, d, 1 if n == "blk.0.attn_q.weight" else t, b) for n, d, t, b in ts],
+                                    {}), "blk.0.attn_q.weight"),
+    "offset-into-other": (lambda kv, ts: (kv, ts, {"offsets": {ts[3][0]: 0}}), "overlaps"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_damaged_gguf_is_one_line_error(pristine, case, monkeypatch, capsys) -> None:
+    d, kv, ts = pristine
+    mutate, why = CASES[case]
+    kv2, ts2, kw = mutate(kv, ts)
+    path = write_gguf(d / f"{case}.gguf", kv2, ts2, **kw)
+    code, out, err = run_cli(["generate", "hi", "-m", str(path), "-n", "1"], monkeypatch, capsys)
+    assert_one_line_error(code, err, path.name, why)
+    assert out == ""
+
+
+def test_the_byte_writer_reproduces_a_working_file(pristine, monkeypatch, capsys) -> None:
+    """Control: the unmutated kv and tensors, written by the same writer, load and generate."""
+    d, kv, ts = pristine
+    path = write_gguf(d / "copy.gguf", kv, ts)
+    code, out, err = run_cli(["generate", "hi", "-m", str(path), "-n", "2", "--temperature", "0"], monkeypatch,
+                             capsys)
+    assert code in (0, None), err
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    return convert_to_hf(make_tiny_lm(), tmp_path_factory.mktemp("hf") / "tiny")
+
+
+@pytest.mark.parametrize("field,value,why", [("rope_scaling", {"rope_type": "llama3"}, "factor"),
+                                             ("eos_token_id", "x", "eos_token_id"),
+                                             ("rms_norm_eps", -1, "rms_norm_eps")])
+def test_damaged_config_json(hf_dir, tmp_path, field, value, why, monkeypatch, capsys) -> None:
+    import shutil
+
+    d = shutil.copytree(hf_dir, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, field: value}))
+    code, _, err = run_cli(["info", "-m", str(d)], monkeypatch, capsys)
+    assert_one_line_error(code, err, why)
+
+
+def test_json_array_reads_linearly_and_deep_nesting_is_an_error(tmp_path) -> None:
+    from nomoat.data import load_examples
+    from nomoat.errors import NomoatError
+
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps([{"instruction": f"q{i}", "output": f"a{i}"} for i in range(50_000)], indent=1))
+    examples = load_examples(big)
+    assert len(examples) == 50_000 and examples[-1].source.endswith(f":{2 + 4 * 49_999}")  # the line its "{" is on
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" + "[" * 100_000 + "]" * 100_000 + "]")
+    with pytest.raises(NomoatError, match="deep.json:1: JSON nested too deeply"):
+        load_examples(deep)
+    cut = tmp_path / "cut.json"
+    cut.write_text('[{"instruction": "a", "output": "b"},\n{"instruction": "c", "output": "d"}')
+    with pytest.raises(NomoatError, match="cut.json:2: invalid JSON: the JSON array is not closed"):
+        load_examples(cut)
+
+
+@pytest.fixture()
+def data_file(tmp_path) -> Path:
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps({"instruction": f"say {i}", "output": str(i)}) + "\n" for i in range(20)))
+    return p
+
+
+def test_out_is_checked_before_loading_and_refused_runs_leave_nothing(hf_dir, data_file, tmp_path, monkeypatch,
+                                                                      capsys) -> None:
+    a_file = tmp_path / "plain-file"
+    a_file.write_text("x")
+    code, _, err = run_cli(["finetune", "--data", str(data_file), "--out", str(a_file / "run"), "-m", "/nonexistent"],
+                           monkeypatch, capsys)
+    assert_one_line_error(code, err, "plain-file")  # refused before the (missing) model is even opened
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    import os
+
+    if os.access(locked, os.W_OK):  # root ignores permissions: nothing to prove there
+        pytest.skip("running as root: directory permissions are not enforced")
+    code, _, err = run_cli(["finetune", "--data", str(data_file), "--out", str(locked / "run"), "-m", "/nonexistent"],
+                           monkeypatch, capsys)
+    assert_one_line_error(code, err, "not writable")
+
+
+def test_bad_data_leaves_no_out_dir_and_a_cut_first_checkpoint_is_not_a_run(hf_dir, tmp_path, monkeypatch,
+                                                                              capsys) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a"}\n')
+    out = tmp_path / "run"
+    code, _, err = run_cli(["finetune", "--data", str(bad), "--out", str(out), "-m", str(hf_dir)], monkeypatch,
+                           capsys)
+    assert_one_line_error(code, err, "bad.jsonl:1")
+    assert not out.exists()
+    (out / ".checkpoint.tmp").mkdir(parents=True)  # a kill during the first checkpoint write
+    code, _, err = run_cli(["finetune", "--data", str(bad), "--out", str(out), "--resume", str(out), "-m",
+                            str(hf_dir)], monkeypatch, capsys)
+    assert_one_line_error(code, err, "interrupted", "--overwrite")
+    from nomoat.train.sft import check_out
+
+    check_out(out)  # a plain rerun accepts it (and cleans it when it starts)
+
+
+@pytest.mark.parametrize("edit,why", [
+    (lambda c: {**c, "lora_alpha": float("nan")}, "alpha"),
+    (lambda c: {**c, "lora_alpha": 1e308}, "alpha"),
+    (lambda c: {**c, "rank_pattern": {"q_proj(": 4}}, "regular expression"),
+])
+def test_damaged_adapter_config(tmp_path, edit, why) -> None:
+    from test_adapter_ops import random_adapter
+
+    from nomoat.errors import NomoatError
+    from nomoat.formats.peft import read_peft_dir, write_peft_dir
+    from nomoat.lora import LoraConfig
+
+    cfg = LoraConfig(r=4, alpha=8, targets=["q_proj"])
+    tensors, _ = random_adapter(cfg, make_tiny_lm().config, seed=1)
+    d = write_peft_dir(tmp_path / "a", cfg, tensors, "tiny", {})
+    raw = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps(edit(raw)))
+    with pytest.raises(NomoatError, match=why):
+        read_peft_dir(d)
+
+
+@pytest.mark.parametrize("tamper,why", [("huge", "values up to"), ("int", "not a float type")])
+def test_damaged_adapter_weights(tmp_path, tamper, why) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+    from test_adapter_ops import random_adapter
+
+    from nomoat.api import load_with_adapters
+    from nomoat.errors import NomoatError
+    from nomoat.formats.peft import write_peft_dir
+    from nomoat.lora import LoraConfig
+
+    lm = make_tiny_lm()
+    cfg = LoraConfig(r=4, alpha=8, targets=["q_proj"])
+    tensors, _ = random_adapter(cfg, lm.config, seed=1)
+    d = write_peft_dir(tmp_path / "a", cfg, tensors, "tiny", {})
+    st = load_file(str(d / "adapter_model.safetensors"))
+    key = next(k for k in st if "lora_B" in k)
+    st[key] = torch.full_like(st[key], 3e38) if tamper == "huge" else st[key].to(torch.int32)
+    save_file(st, str(d / "adapter_model.safetensors"))
+    model = convert_to_hf(lm, tmp_path / "m")
+    with pytest.raises(NomoatError, match=why):
+        load_with_adapters(model, [str(d)], threads=1)
