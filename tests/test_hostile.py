@@ -251,3 +251,24 @@ def test_damaged_adapter_weights(tmp_path, tamper, why) -> None:
     model = convert_to_hf(lm, tmp_path / "m")
     with pytest.raises(NomoatError, match=why):
         load_with_adapters(model, [str(d)], threads=1)
+
+
+def test_hf_shards_are_mapped_once_and_index_entries_checked(hf_dir, tmp_path, monkeypatch) -> None:
+    import shutil
+
+    from nomoat.errors import NomoatError
+    from nomoat.formats import hf
+    from nomoat.runtime.loading import load
+
+    opened: list[str] = []
+    real = hf.safe_open
+    monkeypatch.setattr(hf, "safe_open", lambda path, **kw: opened.append(path) or real(path, **kw))
+    load(hf_dir, threads=1)
+    assert len(opened) <= 2, opened  # the key listing, then one map for the whole load (not one per tensor)
+    monkeypatch.setattr(hf, "safe_open", real)
+    d = shutil.copytree(hf_dir, tmp_path / "sharded")
+    names = list(load(hf_dir, threads=1).model.state_dict())
+    for target, why in (("model-00002.bin", "only .safetensors"), ("missing.safetensors", "is missing")):
+        (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: target for n in names}}))
+        with pytest.raises(NomoatError, match=why):
+            hf.HFModelDir(d)

@@ -107,6 +107,7 @@ class HFModelDir:
         self.raw_config = read_json(self.path / "config.json")
         self.arch = config_arch(self.raw_config, str(self.path / "config.json")).name
         self._names: dict[str, str] | None = None
+        self._handles: dict[Path, object] = {}
         index = self.path / "model.safetensors.index.json"
         self.files: dict[str, Path] = {}
         if index.exists():
@@ -114,6 +115,11 @@ class HFModelDir:
             if not isinstance(weight_map, dict):
                 raise NomoatError(f"{index}: no weight_map")
             for name, fname in weight_map.items():
+                if not isinstance(fname, str) or not fname.endswith(".safetensors"):
+                    raise NomoatError(f"{index}: {name} is in {fname!r}; nomoat reads only .safetensors shards "
+                                      "(pickle files can run code)")
+                if not (self.path / fname).is_file():
+                    raise NomoatError(f"{index}: shard {fname} (for {name}) is missing")
                 self.files[name] = self.path / fname
         else:
             single = self.path / "model.safetensors"
@@ -163,23 +169,34 @@ class HFModelDir:
             self._names = {n: n for n in self.files if n in known}
         return self._names
 
+    def _open(self, path: Path):
+        """One open (memory map) per shard for the whole load, not one per tensor: a 500 MB file mapped
+        for each of its 270 tensors reserves 137 GiB of address space and fails under `ulimit -v`."""
+        handle = self._handles.get(path)
+        if handle is None:
+            try:
+                handle = self._handles[path] = safe_open(str(path), framework="pt")
+            except FileNotFoundError:
+                raise NomoatError(f"{path}: not found (named in the shard index)") from None
+            except Exception as e:
+                raise NomoatError(f"{path}: not a valid safetensors file ({e})") from None
+        return handle
+
     def load_float(self, name: str, cfg: LlamaConfig | None = None) -> torch.Tensor:
         path = self.files.get(name)
         if path is None:
             raise NomoatError(f"{self.path}: tensor {name} is missing")
+        f = self._open(path)
         try:
-            with safe_open(str(path), framework="pt") as f:
-                return f.get_tensor(name).float()
+            return f.get_tensor(name).float()
         except Exception as e:
             raise NomoatError(f"{path}: cannot read tensor {name} ({e})") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
-        with safe_open(str(self.files[name]), framework="pt") as f:
-            return tuple(f.get_slice(name).get_shape())
+        return tuple(self._open(self.files[name]).get_slice(name).get_shape())
 
     def qtype(self, name: str) -> str:
-        with safe_open(str(self.files[name]), framework="pt") as f:
-            return str(f.get_slice(name).get_dtype())
+        return str(self._open(self.files[name]).get_slice(name).get_dtype())
 
 
 def _shards(tensors: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
