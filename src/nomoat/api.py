@@ -1,9 +1,12 @@
-"""The Python API behind every CLI command: load (with adapters), prompt, generate, stream, chat, convert."""
+"""The Python API behind every CLI command: load (with adapters), prompt, generate, stream, chat, convert,
+answer question sets and judge answers."""
 
 from __future__ import annotations
 
 import resource
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,8 @@ from nomoat.runtime.loading import LoadedModel, load
 from nomoat.runtime.prompts import prompt_ids
 
 __all__ = ["load", "load_with_adapters", "prompt_ids", "generate", "generate_stream", "Chat", "convert_to_hf",
-           "convert_model", "peak_rss_mib", "GenerationConfig", "GenerationStats", "Completion", "LoadedModel"]
+           "convert_model", "peak_rss_mib", "GenerationConfig", "GenerationStats", "Completion", "LoadedModel",
+           "answer_questions", "judge_answers", "judge_report"]
 
 
 def peak_rss_mib() -> float:
@@ -105,7 +109,7 @@ def convert_model(model: str | Path | None, to: str, out: str | Path, dtype: str
     src_size = Path(lm.source).stat().st_size if Path(lm.source).is_file() else 0
     lines = [f"wrote {out} ({size / 2**20:.1f} MiB)"]
     quantized_src = {t for t in lm.weight_types.values() if t.startswith(("Q", "I"))}
-    if src_size and size > src_size and quantized_src:
+    if to == "gguf" and src_size and size > src_size and quantized_src:
         lines.append(f"warning: {out.name} is larger than {Path(lm.source).name} ({src_size / 2**20:.1f} MiB) "
                      f"but no more exact: its weights were already quantized ({', '.join(sorted(quantized_src))}); "
                      "re-quantizing can only keep or lose precision")
@@ -136,3 +140,127 @@ def describe_adapter(path: str | Path, model: str | Path | None = None) -> list[
             ("trained", f"{meta.get('steps', '?')} steps, {meta.get('tokens_seen', '?')} tokens, "
                         f"{meta.get('wall_seconds', '?')} s"),
             ("final loss", f"train {meta.get('final_train_loss')}, validation {meta.get('final_val_loss')}")]
+
+
+# --------------------------------------------------------------------------- judging
+
+
+@dataclass
+class AnswerRun:
+    path: Path
+    model_id: str
+    questions: int
+    turns: int
+    seconds: float
+
+
+def answer_questions(questions: str | Path, out: str | Path, model: str | Path | None = None,
+                     adapters: Sequence[str] = (), *, model_id: str | None = None, settings: Any = None,
+                     force: bool = False, progress: Callable[[int, int], None] | None = None,
+                     **load_kw: Any) -> AnswerRun:
+    """Answer a question set (`builtin`, an MT-bench question file, plain prompts or Alpaca records) and
+    write the answers in MT-bench's model_answer layout, with nomoat's provenance, atomically.
+
+    Args:
+        settings: an `nomoat.eval.answers.AnswerSettings` (max tokens, temperature override, system prompt,
+            batch size, seed); None takes the defaults (per-category temperatures).
+        progress: called with (turns answered, all turns) as batches finish.
+    """
+    from nomoat.adapters import AdapterSpec, base_fingerprint
+    from nomoat.eval.answers import AnswerSettings, generate_answers, write_answers
+    from nomoat.eval.questions import load_questions
+    from nomoat.serve.app import base_name_for
+
+    settings = settings or AnswerSettings()
+    settings.check()
+    qs = load_questions(questions)
+    specs = [AdapterSpec.parse(a) for a in adapters]
+    lm = load_with_adapters(model, specs, force=force, **load_kw)
+    model_id = model_id or "+".join(sp.name for sp in specs) or base_name_for(lm)
+    provenance = {"model": str(lm.source), "base_model": lm.base_model_id, "base_fingerprint": base_fingerprint(lm),
+                  "adapters": [{"name": sp.name, "path": str(sp.path.resolve()), "weight": sp.weight} for sp in specs],
+                  "quant": lm.quant}
+    total, done = sum(len(q.turns) for q in qs), 0
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    t0 = time.perf_counter()
+    records = generate_answers(lm, qs, model_id, settings, provenance, step)
+    path = write_answers(out, records)
+    return AnswerRun(path, model_id, len(qs), total, time.perf_counter() - t0)
+
+
+@dataclass
+class JudgeRun:
+    out: Path
+    cache: Path
+    records: list[dict[str, Any]]
+    stats: Any  # nomoat.eval.judge.RunStats: judgments, from the cache, requested, refused
+    skipped: list[str]
+    report: Any  # nomoat.eval.judge_stats.Report
+
+
+def judge_answers(mode: str, answer_files: Sequence[str | Path], *, judge: str = "local",
+                  judge_model: str | None = None, judge_path: str | Path | None = None, out: str | Path | None = None,
+                  cache: str | Path | None = None, questions: str | Path | None = None,
+                  template: str | Path | None = None, settings: Any = None, all_pairs: bool = False,
+                  api_key: str | None = None, progress: Callable[[int, int, int], None] | None = None,
+                  png: bool = True, judge_impl: Any = None) -> JudgeRun:
+    """Judge answer files pairwise (`mode="pairwise"`: the first file against each other one, or all pairs)
+    or grade them one by one (`mode="single"`), write the verdicts (JSONL, atomically) and summarise them.
+
+    Every judge reply is cached in SQLite (`cache`, default beside `out`), so a re-run asks the judge
+    nothing and an interrupted run resumes. `judge` is `local` (an in-process nomoat model: the default
+    one, or `judge_path`) or the URL of an OpenAI-compatible API serving `judge_model`; `judge_impl`
+    replaces both with any `nomoat.eval.judge_client.Judge`.
+    """
+    from nomoat.eval.answers import load_answers
+    from nomoat.eval.judge import MODES, JudgeTemplate, judge_pairwise, judge_single
+    from nomoat.eval.judge_cache import VerdictCache
+    from nomoat.eval.judge_client import JudgeSettings, make_judge
+    from nomoat.eval.judge_stats import build_report, plot_report
+    from nomoat.eval.questions import load_questions, write_jsonl
+
+    if mode not in MODES:
+        raise NomoatError(f"judge mode {mode!r} is not one of {', '.join(MODES)}")
+    settings = settings or JudgeSettings()
+    settings.check()
+    out = Path(out or ("verdicts.jsonl" if mode == "pairwise" else "grades.jsonl"))
+    cache_path = Path(cache) if cache else out.with_suffix(".cache.sqlite")
+    if mode == "pairwise" and len(answer_files) < 2:
+        raise NomoatError("judge pairwise needs at least two answer files (a baseline and a model)")
+    # Every input is checked before the judge is loaded or contacted, and before the cache file is made.
+    sets = [load_answers(f) for f in answer_files]
+    qs = {q.key: q for q in load_questions(questions)} if questions else None
+    tpl = JudgeTemplate.load(mode, template)
+    judge_obj = judge_impl or make_judge(judge, judge_model, judge_path, api_key)
+    store = VerdictCache(cache_path)
+    try:
+        if mode == "pairwise":
+            res = judge_pairwise(sets, judge_obj, store, settings, tpl, qs, all_pairs, progress)
+        else:
+            res = judge_single(sets, judge_obj, store, settings, tpl, qs, progress)
+    finally:
+        store.close()
+        if hasattr(judge_obj, "close"):
+            judge_obj.close()
+    write_jsonl(out, res.records)
+    report = build_report(res.records)
+    if png:
+        report.png = plot_report(report, out.with_suffix(".png"))
+    return JudgeRun(out, cache_path, res.records, res.stats, res.skipped, report)
+
+
+def judge_report(path: str | Path, png: str | Path | None = None, resamples: int = 1000, seed: int = 0) -> Any:
+    """The summary of a verdict file (`nomoat.eval.judge_stats.Report`), with its plot written to `png`
+    (default: beside the file, as .png) when matplotlib is installed."""
+    from nomoat.eval.judge_stats import build_report, load_verdicts, plot_report
+
+    path = Path(path)
+    report = build_report(load_verdicts(path), resamples, seed)
+    report.png = plot_report(report, Path(png) if png else path.with_suffix(".png"))
+    return report

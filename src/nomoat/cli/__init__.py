@@ -6,16 +6,12 @@ from __future__ import annotations
 import sys
 from typing import Annotated
 
-from nomoat.runtime.cpu import configure_threading_env
+import typer
 
-configure_threading_env()  # before torch is imported: idle OpenMP threads sleep rather than spin
-
-import typer  # noqa: E402
-
-from nomoat import __version__  # noqa: E402
-from nomoat.cli import adapter, demo, eval, run, serve, train  # noqa: E402
-from nomoat.cli.common import err  # noqa: E402
-from nomoat.errors import NomoatError  # noqa: E402
+from nomoat import __version__  # importing nomoat bounds OpenMP's idle spinning before torch loads
+from nomoat.cli import adapter, demo, eval, judge, run, serve, train
+from nomoat.cli.common import err
+from nomoat.errors import NomoatError
 
 app = typer.Typer(
     name="nomoat",
@@ -41,7 +37,7 @@ def main_callback(
     pass
 
 
-for _group in (run, train, eval, adapter, serve, demo):
+for _group in (run, train, eval, judge, adapter, serve, demo):
     _group.register(app)
 
 

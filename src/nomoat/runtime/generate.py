@@ -12,6 +12,7 @@ from nomoat import defaults
 from nomoat.errors import NomoatError
 from nomoat.formats.tokenizer import Tokenizer
 from nomoat.model import KVCache, LlamaForCausalLM
+from nomoat.runtime.logprobs import MAX_TOP_LOGPROBS, Piece, TokenLogprob, token_logprob
 
 PREFILL_CHUNK = 512
 
@@ -27,6 +28,7 @@ class GenerationConfig:
     repetition_penalty: float = defaults.REPETITION_PENALTY
     seed: int | None = None
     stop: Sequence[str] = ()
+    logprobs: int | None = None  # `stream` only: attach each token's logprob and this many alternatives
 
     def check(self) -> None:
         if self.max_new_tokens < 0:
@@ -39,6 +41,8 @@ class GenerationConfig:
             raise NomoatError(f"top_k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise NomoatError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise NomoatError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
 
 
 @dataclass
@@ -153,7 +157,11 @@ def _check_context(model: LlamaForCausalLM, n_prompt: int, max_new: int) -> int:
 @torch.inference_mode()
 def stream(model: LlamaForCausalLM, tok: Tokenizer, prompt_ids: list[int], cfg: GenerationConfig,
            stats: GenerationStats | None = None) -> Iterator[str]:
-    """Yield the completion of one prompt as text pieces, as they are decoded."""
+    """Yield the completion of one prompt as text pieces, as they are decoded.
+
+    With `cfg.logprobs` set, each piece is a `Piece` whose `.logprobs` hold the tokens decoded since the
+    previous piece (the stop token excluded); tokens that add no text come out on a final empty piece.
+    """
     cfg.check()
     stats = stats if stats is not None else GenerationStats()
     if not prompt_ids:
@@ -172,7 +180,9 @@ def stream(model: LlamaForCausalLM, tok: Tokenizer, prompt_ids: list[int], cfg: 
     stats.prompt_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     stats.finish_reason = "length"
+    lps: list[TokenLogprob] | None = None if cfg.logprobs is None else []
     for step in range(max_new):
+        raw = logits  # logprobs are read before penalties and sampling settings, as OpenAI reports them
         if seen is not None:
             logits = _apply_penalty(logits, seen, cfg.repetition_penalty)
         nxt = sample_next(logits, cfg, gen)
@@ -181,8 +191,12 @@ def stream(model: LlamaForCausalLM, tok: Tokenizer, prompt_ids: list[int], cfg: 
         if token in tok.stop_ids:
             stats.finish_reason = "stop"
             break
+        if lps is not None:
+            lps.append(token_logprob(raw[0], token, cfg.logprobs))
         delta = detok.push(token)
         if delta:
+            if lps is not None:
+                delta, lps = Piece(delta, lps), []
             yield delta
         if detok.stopped:
             stats.finish_reason = "stop"
@@ -193,7 +207,11 @@ def stream(model: LlamaForCausalLM, tok: Tokenizer, prompt_ids: list[int], cfg: 
             logits = model(nxt.view(1, 1), cache=cache)[:, -1]
     stats.decode_seconds = time.perf_counter() - t1
     rest = detok.flush()
-    if rest and not detok.stopped:
+    if detok.stopped:
+        rest = ""
+    if lps:
+        yield Piece(rest, lps)
+    elif rest:
         yield rest
 
 

@@ -31,7 +31,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nomoat.errors import NomoatError
 from nomoat.runtime.generate import GenerationConfig, GenerationStats
 from nomoat.runtime.loading import LoadedModel
+from nomoat.runtime.logprobs import TokenText
 from nomoat.serve.engine import Engine, EngineBusy, Job
+from nomoat.serve.logprobs import CompletionLogprobs, chat_logprobs
 from nomoat.serve.schemas import ApiError, ChatCompletionRequest, CompletionRequest, _Sampling, error_body
 
 MAX_LISTED = 64  # model ids listed at most (every subset of adapters is selectable either way)
@@ -156,6 +158,25 @@ class Server:
         self.engine = Engine(lm, settings.max_active, settings.max_queue)
         ctx = lm.config.max_position_embeddings
         self.context = min(ctx, settings.max_context) if settings.max_context else ctx
+        self._token_text: TokenText | None = None
+
+    @property
+    def token_text(self) -> TokenText:
+        # Built on the first logprobs request: it reads the whole vocabulary once.
+        if self._token_text is None:
+            self._token_text = TokenText(self.lm.tokenizer)
+        return self._token_text
+
+    @staticmethod
+    def _logprobs(req: _Sampling) -> int | None:
+        """Alternatives per token the request asks for, or None when it asks for no logprobs."""
+        if isinstance(req, ChatCompletionRequest):
+            if req.logprobs:
+                return req.top_logprobs or 0
+            if req.top_logprobs:
+                raise ApiError(400, "top_logprobs: requires logprobs: true", param="top_logprobs")
+            return None
+        return req.logprobs
 
     def _config(self, req: _Sampling, n_prompt: int, prompt_param: str, max_tokens: int | None) -> GenerationConfig:
         """Decoding settings for a request, within the server's limits.
@@ -165,8 +186,6 @@ class Server:
         """
         if req.n not in (None, 1):
             raise ApiError(400, "n: only n=1 is supported", param="n")
-        if req.logprobs not in (None, False, 0):
-            raise ApiError(400, "logprobs: not supported", param="logprobs")
         for p in ("presence_penalty", "frequency_penalty"):
             if getattr(req, p):
                 raise ApiError(400, f"{p}: not supported (use repetition_penalty)", param=p)
@@ -193,7 +212,7 @@ class Server:
             top_k=d.top_k if req.top_k is None else req.top_k,
             top_p=d.top_p if req.top_p is None else req.top_p,
             repetition_penalty=req.repetition_penalty or d.repetition_penalty, seed=req.seed,
-            stop=tuple(s for s in stop if s))
+            stop=tuple(s for s in stop if s), logprobs=self._logprobs(req))
 
     def chat_ids(self, req: ChatCompletionRequest) -> list[int]:
         tok = self.lm.tokenizer
@@ -249,6 +268,7 @@ class Server:
                        chat: bool) -> dict[str, Any]:
         watcher = asyncio.ensure_future(_until_disconnect(request))
         pieces: list[str] = []
+        entries: list[Any] = []
         try:
             while True:
                 get = asyncio.ensure_future(bridge.queue.get())
@@ -260,6 +280,7 @@ class Server:
                 kind, payload = get.result()
                 if kind == "delta":
                     pieces.append(payload)
+                    entries.extend(getattr(payload, "logprobs", ()))
                 elif kind == "error":
                     raise ApiError(500, payload, type="server_error")
                 else:
@@ -269,6 +290,9 @@ class Server:
             job.cancel()  # a no-op once finished
         text, st = "".join(pieces), job.stats
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": st.finish_reason}
+        if job.cfg.logprobs is not None:
+            choice["logprobs"] = (chat_logprobs(self.token_text, entries) if chat
+                                  else CompletionLogprobs(self.token_text)(entries))
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
@@ -279,9 +303,14 @@ class Server:
     async def _stream(self, job: Job, bridge: _Bridge, meta: dict[str, Any], chat: bool,
                       usage: bool) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
+        legacy = CompletionLogprobs(self.token_text) if job.cfg.logprobs is not None and not chat else None
 
         def chunk(text: str | None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
             c: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+            if job.cfg.logprobs is not None and text is not None and not role:
+                # A delta carries the logprobs of the tokens it was decoded from (`nomoat.runtime.logprobs.Piece`).
+                entries = getattr(text, "logprobs", ())
+                c["logprobs"] = chat_logprobs(self.token_text, entries) if chat else legacy(entries)
             if chat:
                 c["delta"] = ({"role": "assistant", "content": ""} if role else
                               {} if text is None else {"content": text})
