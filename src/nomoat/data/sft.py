@@ -7,15 +7,15 @@ loop shifts them), and ``IGNORE_INDEX`` (-100) marks every token that carries no
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 import torch
 
+from nomoat.data.records import kind_of, read_records
 from nomoat.errors import NomoatError
 from nomoat.model.losses import IGNORE_INDEX
 
@@ -83,7 +83,7 @@ def load_examples(path: str | Path, fmt: str = "auto") -> list[Example]:
     if fmt != "auto" and fmt not in FORMATS:
         choices = ", ".join(FORMATS)
         raise NomoatError(f"{name}: unknown data format {fmt!r}; expected auto or one of {choices}")
-    records = _read_records(Path(path), name)
+    records = read_records(path, "records", name)
     if fmt == "auto":
         first_line, first = records[0]
         fmt = _detect_format(first, f"{name}:{first_line}")
@@ -100,84 +100,6 @@ def load_examples(path: str | Path, fmt: str = "auto") -> list[Example]:
     return examples
 
 
-def _read_records(path: Path, name: str) -> list[tuple[int, dict]]:
-    """(line number, object) for every record; JSONL unless the file holds a JSON array."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise NomoatError(f"{name}: no such data file") from None
-    except OSError as e:
-        raise NomoatError(f"{name}: cannot read data file: {e.strerror}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise NomoatError(f"{name}:{line}: not UTF-8 text") from None
-    if not text.strip():
-        raise NomoatError(f"{name}:1: data file is empty")
-    # .jsonl is always one record per line; for other names a leading "[" means a JSON array.
-    is_array = path.suffix.lower() not in (".jsonl", ".ndjson") and text.lstrip().startswith("[")
-    records = _read_array(text, name) if is_array else _read_lines(text, name)
-    for line, rec in records:
-        if not isinstance(rec, dict):
-            raise NomoatError(f"{name}:{line}: record is {_kind(rec)}, expected a JSON object")
-    return records
-
-
-def _read_lines(text: str, name: str) -> list[tuple[int, Any]]:
-    records = []
-    for line, row in enumerate(text.splitlines(), start=1):
-        if not row.strip():
-            continue
-        try:
-            records.append((line, json.loads(row)))
-        except json.JSONDecodeError as e:
-            raise NomoatError(f"{name}:{line}: invalid JSON: {e.msg} (column {e.colno})") from None
-        except RecursionError:
-            raise NomoatError(f"{name}:{line}: JSON nested too deeply") from None
-    return records
-
-
-def _read_array(text: str, name: str) -> list[tuple[int, Any]]:
-    """The elements of a top-level JSON array with each one's line, in one linear pass."""
-    decoder = json.JSONDecoder()
-    records: list[tuple[int, Any]] = []
-    pos, line, counted = text.index("[") + 1, 1, 0
-    end = len(text)
-
-    def skip(p: int) -> int:
-        while p < end and text[p] in " \t\r\n":
-            p += 1
-        return p
-
-    def fail(p: int, what: str) -> NomoatError:
-        return NomoatError(f"{name}:{text.count(chr(10), 0, p) + 1}: invalid JSON: {what}")
-
-    pos = skip(pos)
-    while pos < end and text[pos] != "]":
-        line += text.count("\n", counted, pos)  # only the stretch since the last record: linear overall
-        counted = pos
-        try:
-            item, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise NomoatError(f"{name}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-        except RecursionError:
-            raise NomoatError(f"{name}:{line}: JSON nested too deeply") from None
-        records.append((line, item))
-        pos = skip(pos)
-        if pos < end and text[pos] == ",":
-            pos = skip(pos + 1)
-        elif pos < end and text[pos] != "]":
-            raise fail(pos, "expected ',' or ']' between records")
-    if pos >= end:
-        raise fail(end, "the JSON array is not closed")
-    if text[pos + 1:].strip():
-        raise fail(pos + 1, "extra data after the JSON array")
-    if not records:
-        raise NomoatError(f"{name}:1: the JSON array holds no records")
-    return records
-
-
 def _detect_format(rec: dict, src: str) -> str:
     for fmt, key in _FORMAT_KEY.items():
         if key in rec:
@@ -189,21 +111,6 @@ def _detect_format(rec: dict, src: str) -> str:
     )
 
 
-def _kind(value: Any) -> str:
-    """The JSON name of a value's type, for error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
 def _field(rec: dict, key: str, src: str, required: bool = True) -> str:
     """A string field; absent/null optional fields read as ""."""
     value = rec.get(key)
@@ -212,7 +119,7 @@ def _field(rec: dict, key: str, src: str, required: bool = True) -> str:
             raise NomoatError(f'{src}: record has no "{key}" field')
         return ""
     if not isinstance(value, str):
-        raise NomoatError(f'{src}: "{key}" must be a string, got {_kind(value)}')
+        raise NomoatError(f'{src}: "{key}" must be a string, got {kind_of(value)}')
     return value
 
 
@@ -253,20 +160,20 @@ def _parse_turns(
 ) -> Example:
     turns = rec[key]
     if not isinstance(turns, list) or not turns:
-        got = "empty" if isinstance(turns, list) else _kind(turns)
+        got = "empty" if isinstance(turns, list) else kind_of(turns)
         raise NomoatError(f'{src}: "{key}" must be a non-empty array of turns, got {got}')
     messages = []
     for i, turn in enumerate(turns):
         where = f'{src}: "{key}"[{i}]'
         if not isinstance(turn, dict):
-            raise NomoatError(f"{where} is {_kind(turn)}, expected an object")
+            raise NomoatError(f"{where} is {kind_of(turn)}, expected an object")
         role, content = turn.get(role_key), turn.get(content_key)
         if not isinstance(role, str):
-            raise NomoatError(f'{where}: "{role_key}" must be a string, got {_kind(role)}')
+            raise NomoatError(f'{where}: "{role_key}" must be a string, got {kind_of(role)}')
         if role not in roles:
             raise NomoatError(f'{where}: unknown {role_key} "{role}"; expected one of {", ".join(roles)}')
         if not isinstance(content, str):
-            raise NomoatError(f'{where}: "{content_key}" must be a string, got {_kind(content)}')
+            raise NomoatError(f'{where}: "{content_key}" must be a string, got {kind_of(content)}')
         if roles[role] == "assistant" and not content.strip():
             raise NomoatError(f"{where}: empty assistant reply")
         messages.append({"role": roles[role], "content": content})

@@ -18,6 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from nomoat.data.records import kind_of as _kind
+from nomoat.data.records import read_records
 from nomoat.errors import NomoatError
 
 CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
@@ -57,63 +59,6 @@ class Question:
 
 
 # --------------------------------------------------------------------------- JSON / JSONL files
-
-
-def _kind(value: Any) -> str:
-    names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
-             list: "an array", dict: "an object"}
-    return names.get(type(value), type(value).__name__)
-
-
-def read_records(path: str | Path, what: str = "records") -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every record of a JSONL file, or of a JSON array in a `.json` file.
-
-    Raises:
-        NomoatError: naming `file:line` for a missing or unreadable file, invalid JSON or a non-object record.
-    """
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise NomoatError(f"{path}: no such file") from None
-    except OSError as e:
-        raise NomoatError(f"{path}: cannot read: {e.strerror}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise NomoatError(f"{path}:{line}: not UTF-8 text") from None
-    if not text.strip():
-        raise NomoatError(f"{path}:1: empty file, expected {what}")
-    out: list[tuple[int, Any]] = []
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        decoder = json.JSONDecoder()
-        pos = text.index("[") + 1
-        while True:
-            while pos < len(text) and text[pos] in " \t\r\n,":
-                pos += 1
-            if pos >= len(text) or text[pos] == "]":
-                break
-            line = text.count("\n", 0, pos) + 1
-            try:
-                rec, pos = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError as e:
-                raise NomoatError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-            out.append((line, rec))
-    else:
-        for line, row in enumerate(text.splitlines(), 1):
-            if not row.strip():
-                continue
-            try:
-                out.append((line, json.loads(row)))
-            except json.JSONDecodeError as e:
-                raise NomoatError(f"{path}:{line}: invalid JSON: {e.msg} (column {e.colno})") from None
-    for line, rec in out:
-        if not isinstance(rec, dict):
-            raise NomoatError(f"{path}:{line}: a record is {_kind(rec)}, expected a JSON object")
-    if not out:
-        raise NomoatError(f"{path}:1: no {what}")
-    return out
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
