@@ -193,7 +193,7 @@ def write_tiny_gguf(lm: LoadedModel, path: Path, arch: str = "llama",
     """Write a (tiny) model as an F32 GGUF the way llama.cpp's converter lays it out (plus `extra` tensors)."""
     import gguf
 
-    from nomoat.formats.gguf_read import hf_to_gguf_name
+    from nomoat.model.registry import LLAMA
 
     cfg, tok = lm.config, lm.tokenizer
     w = gguf.GGUFWriter(str(path), arch)
@@ -229,7 +229,7 @@ def write_tiny_gguf(lm: LoadedModel, path: Path, arch: str = "llama",
             a = gguf_permute(a, cfg.num_attention_heads)
         elif name.endswith("k_proj.weight"):
             a = gguf_permute(a, cfg.num_key_value_heads)
-        w.add_tensor(hf_to_gguf_name(name), np.ascontiguousarray(a))
+        w.add_tensor(LLAMA.hf_to_gguf_name(name), np.ascontiguousarray(a))
     for name, a in (extra or {}).items():
         w.add_tensor(name, a)
     w.write_header_to_file()

@@ -16,10 +16,11 @@ from nomoat.adapters import convert_adapter, load_adapter, merge_to_model
 from nomoat.errors import NomoatError
 from nomoat.formats.export import export_model
 from nomoat.formats.gguf_adapter import read_gguf_adapter, write_gguf_adapter
-from nomoat.formats.gguf_read import GGUFModelFile, hf_to_gguf_name
+from nomoat.formats.gguf_read import GGUFModelFile
 from nomoat.formats.hf import write_hf_dir
 from nomoat.formats.peft import read_peft_dir, write_peft_dir
 from nomoat.lora import LoraConfig
+from nomoat.model.registry import LLAMA
 from nomoat.runtime.loading import load
 
 TEXTS = ["Hello world! 12345", "def add(a, b):\n    return a + b", "<|im_start|>user\nhi<|im_end|>\n", "ünïcode ✓"]
@@ -101,7 +102,7 @@ def test_rslora_rank_alpha_pattern_scales_exact_in_llamacpp_semantics(tmp_path: 
     assert alpha == pytest.approx(16 * math.sqrt(8), rel=1e-6)  # the common module's rsLoRA scale x r
     raw = _raw(path)
     for mod, scale in s.items():
-        gname = hf_to_gguf_name(f"{mod}.weight")
+        gname = LLAMA.hf_to_gguf_name(f"{mod}.weight")
         A, B = raw[f"{gname}.lora_a"].astype(np.float64), raw[f"{gname}.lora_b"].astype(np.float64)
         applied = alpha / B.shape[1] * (B @ A)
         true = scale * (t[f"{mod}.lora_B.weight"].double() @ t[f"{mod}.lora_A.weight"].double()).numpy()
@@ -129,7 +130,7 @@ def test_foreign_gguf_adapter_uses_llamacpp_semantics(tmp_path: Path) -> None:
         A, B = t[f"{mod}.lora_A.weight"].numpy(), t[f"{mod}.lora_B.weight"].numpy()
         if mod.endswith(("q_proj", "k_proj")):
             B = gguf_permute(B, 4 if mod.endswith("q_proj") else 2)
-        name = hf_to_gguf_name(f"{mod}.weight")
+        name = LLAMA.hf_to_gguf_name(f"{mod}.weight")
         w.add_tensor(f"{name}.lora_a", np.ascontiguousarray(A))
         w.add_tensor(f"{name}.lora_b", np.ascontiguousarray(B))
     w.write_header_to_file()
@@ -179,7 +180,7 @@ def test_peft_rslora_rank_pattern_survives_peft_gguf_peft(tmp_path: Path) -> Non
     for name, mod in pm.named_modules():
         if hasattr(mod, "get_delta_weight") and hasattr(mod, "lora_A") and "default" in mod.lora_A:
             hf = name.removeprefix("base_model.model.")
-            g = hf_to_gguf_name(f"{hf}.weight")
+            g = LLAMA.hf_to_gguf_name(f"{hf}.weight")
             B, A = raw[f"{g}.lora_b"], raw[f"{g}.lora_a"]
             true = mod.get_delta_weight("default").detach().double().numpy()
             if hf.endswith(("q_proj", "k_proj")):

@@ -4,28 +4,19 @@ Alpaca records, `file:line` errors, and answers generated in batches with multi-
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from conftest import make_tiny_lm
+from test_bad_input import run_cli
 
 from nomoat.api import convert_to_hf
-from nomoat.cli import main
 from nomoat.errors import NomoatError
 from nomoat.eval.answers import AnswerSettings, generate_answers, load_answers, write_answers
 from nomoat.eval.questions import CATEGORIES, Question, load_questions, write_questions
 from nomoat.runtime.generate import GenerationConfig, generate_batch
 from nomoat.runtime.prompts import prompt_ids
-
-
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["nomoat", *args])
-    with pytest.raises(SystemExit) as e:
-        main()
-    cap = capsys.readouterr()
-    return e.value.code, cap.out, cap.err
 
 
 def write_lines(path: Path, rows: list) -> Path:

@@ -5,33 +5,30 @@ from two settings judged with both orders recorded, and for its logprobs against
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_tiny_lm
-from test_logprobs import start_server, stop_server
+from test_bad_input import run_cli
+from test_serve import start_server, stop_server
 
-from nomoat.cli import main
 from nomoat.eval.answers import AnswerSettings, generate_answers, write_answers
 from nomoat.eval.judge_stats import load_verdicts
 from nomoat.eval.questions import load_questions
 from nomoat.runtime.generate import GenerationConfig, stream
 from nomoat.runtime.loading import LoadedModel
 from nomoat.runtime.prompts import prompt_ids
+from nomoat.serve import ServerSettings
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["nomoat", *args])
-    monkeypatch.setenv("COLUMNS", "200")
-    with pytest.raises(SystemExit) as e:
-        main()
-    cap = capsys.readouterr()
-    return e.value.code, cap.out, cap.err
+
+@pytest.fixture(autouse=True)
+def _wide_terminal(monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # tables printed by the CLI keep each row on one line
 
 
 def check_records(records: list[dict], n: int, judge: str) -> None:
@@ -52,7 +49,7 @@ def _answers(tmp_path: Path, name: str, n_q: int = 2) -> Path:
 
 
 def test_cli_against_a_tiny_server(tmp_path: Path, monkeypatch, capsys) -> None:
-    live = start_server(make_tiny_lm(seed=3, max_position_embeddings=4096), "tiny")
+    live = start_server(make_tiny_lm(seed=3, max_position_embeddings=4096), "tiny", {}, ServerSettings())
     try:
         a, b = _answers(tmp_path, "base"), _answers(tmp_path, "tuned")
         out = tmp_path / "verdicts.jsonl"
@@ -83,7 +80,7 @@ def test_default_model_judges_over_serve(default_lm: LoadedModel, tmp_path: Path
     for name, system in (("plain", None), ("brief", "Answer in one short sentence.")):
         recs = generate_answers(default_lm, two, name, AnswerSettings(max_new_tokens=24, temperature=0, system=system))
         files.append(write_answers(tmp_path / f"{name}.jsonl", recs))
-    live = start_server(default_lm, "smollm2")
+    live = start_server(default_lm, "smollm2", {}, ServerSettings())
     try:
         out = tmp_path / "verdicts.jsonl"
         args = ["judge", "pairwise", *map(str, files), "--judge", live.url + "/v1", "--judge-model", "smollm2",

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import threading
 from pathlib import Path
 
 import httpx
 import pytest
+from test_bad_input import run_cli
 
 from nomoat.api import judge_answers
-from nomoat.cli import main
 from nomoat.errors import NomoatError
 from nomoat.eval.answers import write_answers
 from nomoat.eval.judge import JudgeTemplate
@@ -282,13 +281,10 @@ def test_refused_inputs_are_recorded_not_cached(files, tmp_path: Path) -> None:
     assert again.asked == 4  # refused judgments are asked again next time
 
 
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["nomoat", *args])
-    monkeypatch.setenv("COLUMNS", "200")
-    with pytest.raises(SystemExit) as e:
-        main()
-    cap = capsys.readouterr()
-    return e.value.code, cap.out, cap.err
+
+@pytest.fixture(autouse=True)
+def _wide_terminal(monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # tables printed by the CLI keep each row on one line
 
 
 def test_cli_report_and_errors(files, tmp_path: Path, monkeypatch, capsys) -> None:

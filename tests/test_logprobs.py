@@ -4,21 +4,18 @@ logits before temperature, top-k / top-p and penalties, read through the officia
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 import torch
 from conftest import make_tiny_lm
+from test_serve import Live, start_server, stop_server
 
 from nomoat.runtime.generate import GenerationConfig, GenerationStats, stream
 from nomoat.runtime.loading import LoadedModel
 from nomoat.runtime.logprobs import Piece, TokenLogprob, TokenText
 from nomoat.runtime.prompts import prompt_ids
-from nomoat.serve import ServerSettings, create_app, make_server
+from nomoat.serve import ServerSettings
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -27,39 +24,9 @@ CTX = 1024
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@dataclass
-class Live:
-    url: str
-    server: object
-    thread: threading.Thread
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def start_server(lm: LoadedModel, name: str) -> Live:
-    """A real uvicorn server on a free port, in a thread (as tests/test_serve.py starts one)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = make_server(create_app(lm, name, {}, ServerSettings()), port=port)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    return Live(f"http://127.0.0.1:{port}", server, thread)
-
-
-def stop_server(live: Live) -> None:
-    live.server.should_exit = True
-    live.thread.join(30)
-
-
 @pytest.fixture(scope="module")
 def live() -> Iterator[Live]:
-    srv = start_server(make_tiny_lm(seed=3, max_position_embeddings=CTX), "tiny")
+    srv = start_server(make_tiny_lm(seed=3, max_position_embeddings=CTX), "tiny", {}, ServerSettings())
     yield srv
     stop_server(srv)
 

@@ -8,8 +8,6 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from nomoat import defaults
-
 out = Console()
 err = Console(stderr=True)
 
@@ -25,7 +23,6 @@ AdapterOpt = Annotated[list[str] | None, typer.Option(
 QuantOpt = Annotated[str, typer.Option("--quant", "-q", help="Weights: auto (keep a quantized file in 4/8 bits "
                                        "on int4/int8 kernels), q4, q8, or none (float).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Apply adapters even if trained on a different base.")]
-QUANT_DEFAULT = defaults.QUANT
 
 
 def print_rows(rows: list[tuple[str, str]]) -> None:

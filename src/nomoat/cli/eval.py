@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from nomoat import defaults
 from nomoat.cli.common import (
-    QUANT_DEFAULT,
     AdapterOpt,
     DtypeOpt,
     ForceOpt,
@@ -37,7 +37,7 @@ def eval_cmd(
     show: Annotated[int, typer.Option(help="Print this many example answers.")] = 3,
     threads: ThreadsOpt = None,
     dtype: DtypeOpt = None,
-    quant: QuantOpt = QUANT_DEFAULT,
+    quant: QuantOpt = defaults.QUANT,
 ) -> None:
     """Score a model, and with --adapter the base and the adapted model side by side."""
     from nomoat.api import load_with_adapters

@@ -13,7 +13,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from nomoat.cli.common import QUANT_DEFAULT, AdapterOpt, DtypeOpt, ForceOpt, ModelOpt, QuantOpt, ThreadsOpt, err, out
+from nomoat import defaults
+from nomoat.cli.common import AdapterOpt, DtypeOpt, ForceOpt, ModelOpt, QuantOpt, ThreadsOpt, err, out
 
 judge_app = typer.Typer(help="Judge answers with an LLM: pairwise (both orders), single grades, and reports.",
                         no_args_is_help=True)
@@ -71,7 +72,7 @@ def answer(
     force: ForceOpt = False,
     threads: ThreadsOpt = None,
     dtype: DtypeOpt = None,
-    quant: QuantOpt = QUANT_DEFAULT,
+    quant: QuantOpt = defaults.QUANT,
 ) -> None:
     """Answer a question set with a model (and adapters); multi-turn questions keep the model's own answers
     in the chat history."""

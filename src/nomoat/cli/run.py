@@ -10,7 +10,6 @@ import typer
 
 from nomoat import defaults
 from nomoat.cli.common import (
-    QUANT_DEFAULT,
     AdapterOpt,
     DtypeOpt,
     ForceOpt,
@@ -41,7 +40,7 @@ def _gen_config(max_new_tokens, temperature, top_k, top_p, repeat_penalty, seed,
     return cfg
 
 
-def info(model: ModelOpt = None, quant: QuantOpt = QUANT_DEFAULT) -> None:
+def info(model: ModelOpt = None, quant: QuantOpt = defaults.QUANT) -> None:
     """Architecture, parameter count, tensor types, file size, and how it runs on this CPU (and why)."""
     from nomoat.runtime.info import describe_model
 
@@ -66,7 +65,7 @@ def generate(
     dtype: DtypeOpt = None,
     adapter: AdapterOpt = None,
     force: ForceOpt = False,
-    quant: QuantOpt = QUANT_DEFAULT,
+    quant: QuantOpt = defaults.QUANT,
 ) -> None:
     """Complete a prompt; only the completion goes to stdout, streamed as it is generated."""
     from nomoat.api import load_with_adapters, prompt_ids
@@ -106,7 +105,7 @@ def chat(
     dtype: DtypeOpt = None,
     adapter: AdapterOpt = None,
     force: ForceOpt = False,
-    quant: QuantOpt = QUANT_DEFAULT,
+    quant: QuantOpt = defaults.QUANT,
 ) -> None:
     """Multi-turn chat in the terminal with the model's chat template. /reset clears history, /exit quits."""
     from nomoat.api import Chat, load_with_adapters

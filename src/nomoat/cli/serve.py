@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from nomoat.cli.common import QUANT_DEFAULT, DtypeOpt, ForceOpt, ModelOpt, QuantOpt, ThreadsOpt, err, status
+from nomoat import defaults
+from nomoat.cli.common import DtypeOpt, ForceOpt, ModelOpt, QuantOpt, ThreadsOpt, err, status
 
 
 def serve(
@@ -31,7 +32,7 @@ def serve(
                                             "queue).")] = 8,
     threads: ThreadsOpt = None,
     dtype: DtypeOpt = None,
-    quant: QuantOpt = QUANT_DEFAULT,
+    quant: QuantOpt = defaults.QUANT,
     force: ForceOpt = False,
 ) -> None:
     """Serve the model and its adapters over the OpenAI HTTP API, with a web chat at /."""

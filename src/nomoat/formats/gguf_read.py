@@ -29,16 +29,6 @@ QUANT_TYPES = {"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "
 
 
 
-def gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
-    """The model's (HF) name for a GGUF tensor name, or None."""
-    return architecture(arch).gguf_to_hf_name(name)
-
-
-def hf_to_gguf_name(name: str, arch: str = "llama") -> str | None:
-    """The GGUF tensor name for a model (HF) weight name, or None."""
-    return architecture(arch).hf_to_gguf_name(name)
-
-
 def qk_row_order(rows: int, n_head: int) -> torch.Tensor:
     """Row indices that undo llama.cpp's q/k permutation: hf = gguf[order].
 
