@@ -340,10 +340,10 @@ def judge_pairwise(sets: Sequence[AnswerSet], judge: Judge, cache: VerdictCache,
                                         repeat=rep, temperature=settings.temperature, max_tokens=settings.max_tokens)
                         requests.append(Request(key, msgs, rep))
                         order_keys.append(key)
-                    plans.append((s1.model_id, s2.model_id, q, t, rep, len(a1[t]), len(a2[t]), order_keys))
+                    plans.append((s1.model_id, s2.model_id, q, t, rep, len(a1[t]), len(a2[t]), order_keys, a1, a2))
     replies, stats = run_requests(requests, judge, cache, settings, progress)
     records = []
-    for m1, m2, q, t, rep, len1, len2, order_keys in plans:
+    for m1, m2, q, t, rep, len1, len2, order_keys, a1, a2 in plans:
         orders = []
         for (order, swap), key in zip(ORDERS, order_keys):
             reply = replies[key]
@@ -357,7 +357,10 @@ def judge_pairwise(sets: Sequence[AnswerSet], judge: Judge, cache: VerdictCache,
         records.append({"mode": "pairwise", "question_id": q.question_id, "category": q.category, "turn": t + 1,
                         "repeat": rep, "model_1": m1, "model_2": m2, "judge": judge.name, "template": template.name,
                         "template_sha256": template.sha256, "temperature": settings.temperature,
-                        "len_1": len1, "len_2": len2, "orders": orders, "winner": winner, "tie_kind": kind})
+                        "len_1": len1, "len_2": len2, "orders": orders, "winner": winner, "tie_kind": kind,
+                        # the conversation judged, so that verdicts alone feed ratings exports and preference data
+                        "turns": list(q.turns[:t + 1]), "answers_1": list(a1[:t + 1]),
+                        "answers_2": list(a2[:t + 1])})
     return JudgeResult(records, stats, skipped)
 
 
