@@ -249,7 +249,9 @@ class LlamaForCausalLM(nn.Module):
 
         attention_mask: [B, S] bool, True where a key is a real token, S = tokens in
         the cache after this call (or T without a cache). Padding goes on the left
-        for generation, on the right for training.
+        for generation, on the right for training. Without a cache it may also be a
+        whole pattern [B, T, T], True where query t sees key s (e.g. two completions
+        packed after one shared prompt); every query must see at least one key.
         """
         B, T = input_ids.shape
         past = cache.pos if cache is not None else 0
@@ -261,7 +263,11 @@ class LlamaForCausalLM(nn.Module):
         cos = cos_t[position_ids].unsqueeze(1)
         sin = sin_t[position_ids].unsqueeze(1)
         mask = None
-        if attention_mask is not None or (cache is not None and T > 1):
+        if attention_mask is not None and attention_mask.dim() == 3:
+            if cache is not None:
+                raise ValueError("a [B, T, T] attention pattern cannot be used with a KV cache")
+            mask = attention_mask.bool().unsqueeze(1)  # [B, 1, T, T]
+        elif attention_mask is not None or (cache is not None and T > 1):
             S = past + T
             q_idx = torch.arange(past, S).view(T, 1)
             allowed = torch.arange(S).view(1, S) <= q_idx

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from nomoat.errors import NomoatError
 
 CHECKPOINT_DIR = "checkpoint"
+C = TypeVar("C")
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -86,3 +88,21 @@ def load_checkpoint(out: Path) -> Checkpoint:
         if not isinstance(state.get(key) if isinstance(state, dict) else None, kind):
             raise NomoatError(f"{ck}/state.json: field {key!r} is missing or of the wrong type")
     return Checkpoint(adapter, opt, rng, state)
+
+
+def config_from_saved(cls: type[C], d: Any, source: str) -> C:
+    """A run config (dataclass `cls` with a `check()` method) from what a checkpoint's state.json recorded,
+    checked field by field."""
+    if not isinstance(d, dict):
+        raise NomoatError(f"{source}: no run config recorded")
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise NomoatError(f"{source}: unknown config field {unknown[0]!r}")
+    try:
+        cfg = cls(**d)
+        cfg.check()
+    except TypeError as e:
+        raise NomoatError(f"{source}: bad config ({e})") from None
+    except NomoatError as e:
+        raise NomoatError(f"{source}: {e}") from None
+    return cfg

@@ -2,9 +2,9 @@
 warmup + cosine schedule, periodic validation, atomic checkpoints and exact resume, Ctrl-C, progress,
 the step log and the loss plot.
 
-An objective (SFT now; preference training and pretraining later) is a loss over batches plus its data:
-it supplies each epoch's batches, the loss of one batch and, optionally, a validation loss. The loop
-trains whatever parameters of the model require gradients (one adapter's A and B for LoRA).
+An objective (SFT, preference training; pretraining later) is a loss over batches plus its data: it
+supplies each epoch's batches, the loss of one batch and, optionally, a validation loss and per-step
+metrics. The loop trains whatever parameters of the model require gradients (one adapter's A and B for LoRA).
 """
 
 from __future__ import annotations
@@ -23,7 +23,11 @@ from nomoat.train.checkpoint import Checkpoint, restore_optimizer, save_checkpoi
 
 
 class Objective(Protocol):
-    """What a training objective gives the loop."""
+    """What a training objective gives the loop.
+
+    An objective may also define `metrics() -> dict[str, float]`: its figures for the micro-batches since
+    the last call (e.g. preference rewards), logged with each optimizer step.
+    """
 
     batches_per_epoch: int
 
@@ -35,8 +39,8 @@ class Objective(Protocol):
         """(mean loss of the batch, tokens it processed); the loop calls backward on it."""
         ...
 
-    def validate(self, model: torch.nn.Module) -> float | None:
-        """Validation loss, or None when there is no validation data."""
+    def validate(self, model: torch.nn.Module) -> float | dict[str, float] | None:
+        """Validation loss (or {"loss": ..., other metrics}), or None when there is no validation data."""
         ...
 
 
@@ -63,6 +67,8 @@ class StepInfo:
     lr: float
     tokens_per_s: float
     val_loss: float | None = None
+    seconds: float = 0.0  # the step's wall time
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's, validation ones as val_<name>
 
 
 @dataclass
@@ -163,17 +169,24 @@ def train_loop(model: torch.nn.Module, objective: Objective, cfg: LoopConfig, ou
             res.step += 1
             res.tokens_seen += step_tokens
             dt = time.perf_counter() - t0
+            metrics = objective.metrics() if hasattr(objective, "metrics") else {}
             val_loss = None
             if res.step % cfg.eval_every == 0 or res.step == cfg.total_steps:
-                val_loss = objective.validate(model)
+                val = objective.validate(model)
+                if isinstance(val, dict):
+                    val_loss = val["loss"]
+                    metrics.update({f"val_{k}": v for k, v in val.items() if k != "loss"})
+                else:
+                    val_loss = val
             entry = {"step": res.step, "loss": round(step_loss, 5), "lr": lr, "tokens": res.tokens_seen,
                      "seconds": round(dt, 3)}
             if val_loss is not None:
                 entry["val_loss"] = round(val_loss, 5)
+            entry.update({k: round(v, 5) for k, v in metrics.items()})
             res.history.append(entry)
             if on_step:
                 on_step(StepInfo(res.step, cfg.total_steps, step_loss, lr, step_tokens / dt if dt else 0.0,
-                                 val_loss))
+                                 val_loss, dt, metrics))
             if cfg.save_every and res.step % cfg.save_every == 0 and res.step < cfg.total_steps:
                 checkpoint()
     except KeyboardInterrupt:
@@ -207,6 +220,39 @@ def save_loss_curve(out: Path, history: list[dict[str, Any]]) -> Path | None:
     fig.tight_layout()
     path = out / "loss_curve.png"
     tmp = out / ".loss_curve.tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def save_metric_curves(out: Path, history: list[dict[str, Any]], names: list[str], filename: str) -> Path | None:
+    """One panel per metric (train, and validation where measured as val_<name>), e.g. preference margins and
+    accuracies; None when matplotlib is not installed or no step logged them."""
+    names = [n for n in names if any(n in h for h in history)]
+    if not names:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.5), dpi=100, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        train = [(h["step"], h[name]) for h in history if name in h]
+        ax.plot(*zip(*train), label="train", lw=1)
+        val = [(h["step"], h[f"val_{name}"]) for h in history if f"val_{name}" in h]
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation", lw=1.5)
+        ax.set_xlabel("optimizer step")
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path = out / filename
+    tmp = out / f".{filename}.tmp.png"
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)

@@ -23,7 +23,7 @@ from nomoat.eval.perplexity import loss_sum
 from nomoat.formats.peft import META_FILE, write_peft_dir
 from nomoat.lora import LoraConfig, adapter_state_dict, add_adapter, mark_trainable, set_active
 from nomoat.model import causal_lm_loss
-from nomoat.train.checkpoint import CHECKPOINT_DIR, load_checkpoint
+from nomoat.train.checkpoint import CHECKPOINT_DIR, config_from_saved, load_checkpoint
 from nomoat.train.loop import LoopConfig, StepInfo, save_loss_curve, train_loop
 
 ADAPTER = "default"
@@ -70,20 +70,7 @@ class TrainConfig:
     @classmethod
     def from_saved(cls, d: Any, source: str) -> TrainConfig:
         """The config a checkpoint's state.json recorded, checked field by field."""
-        if not isinstance(d, dict):
-            raise NomoatError(f"{source}: no run config recorded")
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise NomoatError(f"{source}: unknown config field {unknown[0]!r}")
-        try:
-            cfg = cls(**d)
-            cfg.check()
-        except TypeError as e:
-            raise NomoatError(f"{source}: bad config ({e})") from None
-        except NomoatError as e:
-            raise NomoatError(f"{source}: {e}") from None
-        return cfg
+        return config_from_saved(cls, d, source)
 
     def base_dtype(self) -> str:
         """The base weights' dtype: as given, else what this CPU trains fastest in."""
@@ -156,7 +143,8 @@ def check_out(out: str | Path, resume: bool = False, overwrite: bool = False) ->
         raise NomoatError(f"{out}: not writable ({existing} does not allow writing)")
 
 
-def _make_out(out: Path) -> None:
+def make_out(out: Path) -> None:
+    """Create --out (clearing a cut-short first checkpoint), once the data has been accepted."""
     shutil.rmtree(out / f".{CHECKPOINT_DIR}.tmp", ignore_errors=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -226,7 +214,7 @@ def finetune(lm, cfg: TrainConfig, resume: bool = False, overwrite: bool = False
         say(f"skipped {len(skipped)} examples with no response token within --seq-len {cfg.seq_len} "
             f"(first: {skipped[0]})")
     train_rows, val_rows = split_validation(rows, cfg.val_fraction, cfg.seed)
-    _make_out(out)  # only now, so that refused data leaves nothing behind
+    make_out(out)  # only now, so that refused data leaves nothing behind
     if not resume:
         cfg, notes = cfg.resolved(len(train_rows))
         for note in notes:
