@@ -73,8 +73,9 @@ class Live:
         return httpx.get(self.url + "/health").json()
 
 
-def start_server(lm: LoadedModel, base: str, adapters: dict[str, float], settings: ServerSettings) -> Live:
-    app = create_app(lm, base, adapters, settings)
+def start_server(lm: LoadedModel, base: str, adapters: dict[str, float], settings: ServerSettings,
+                 **create_kw) -> Live:
+    app = create_app(lm, base, adapters, settings, **create_kw)
     port = free_port()
     server = make_server(app, port=port)
     thread = threading.Thread(target=server.run, daemon=True)

@@ -264,3 +264,47 @@ def judge_report(path: str | Path, png: str | Path | None = None, resamples: int
     report = build_report(load_verdicts(path), resamples, seed)
     report.png = plot_report(report, Path(png) if png else path.with_suffix(".png"))
     return report
+
+
+@dataclass
+class RatingsResult:
+    report: Any  # nomoat.eval.ratings.Report
+    battles: int
+    png: Path | None
+    json: Path | None
+    export: Path | None
+    seconds: float
+
+
+def rate_battles(inputs: Sequence[str | Path], *, resamples: int = 100, seed: int = 0, anchor: str | None = None,
+                 png: str | Path | None = None, json_out: str | Path | None = None,
+                 export: str | Path | None = None, rater: str | None = None) -> RatingsResult:
+    """Bradley–Terry ratings over the battles in arena databases, judge verdict files and battle JSONL files
+    (`rater` keeps one rater's battles: "human" or "judge NAME"); writes the plot (default: beside the
+    first input), the JSON report and the battles in the export layout where asked."""
+    import json
+
+    from nomoat.eval.battles import read_all, write_battles
+    from nomoat.eval.ratings import build_report, plot_ratings
+    from nomoat.formats.peft import atomic_write
+
+    if not inputs:
+        raise NomoatError("give at least one arena database, verdict file or battle file")
+    battles = read_all(inputs)
+    if rater is not None:
+        have = sorted({b["rater"] for b in battles})
+        battles = [b for b in battles if b["rater"] == rater]
+        if not battles:
+            raise NomoatError(f"--rater {rater!r}: no battles; raters in the input: {', '.join(have)}")
+    t0 = time.perf_counter()
+    report = build_report(battles, resamples, seed, anchor)
+    seconds = time.perf_counter() - t0
+    first = Path(inputs[0])
+    png_path = plot_ratings(report, Path(png) if png else first.with_name(f"{first.stem}.ratings.png"))
+    json_path = None
+    if json_out:
+        json_path = Path(json_out)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(json_path, json.dumps(report.to_json(), indent=1, ensure_ascii=False).encode())
+    export_path = write_battles(export, battles) if export else None
+    return RatingsResult(report, len(battles), png_path, json_path, export_path, seconds)

@@ -30,12 +30,28 @@ def serve(
                                              "(0: the model's context).")] = 0,
     max_active: Annotated[int, typer.Option("--max-active", help="Requests decoded together (the rest "
                                             "queue).")] = 8,
+    arena: Annotated[str | None, typer.Option("--arena", help="SQLite file for a blind A/B arena at /arena "
+                                              "(votes kept there; leaderboard at /leaderboard). Needs at least "
+                                              "one --adapter.")] = None,
+    arena_token: Annotated[str | None, typer.Option("--arena-token", envvar="NOMOAT_ARENA_TOKEN", help="A token "
+                                                    "voters may use for the arena instead of --api-key.")] = None,
+    arena_models: Annotated[str | None, typer.Option("--arena-models", help="Comma-separated model ids that "
+                                                     "fight in the arena (default: the base, every adapter and "
+                                                     "stack).")] = None,
+    arena_questions: Annotated[str | None, typer.Option("--arena-questions", help="Question set the arena page "
+                                                        "can draw prompts from: 'builtin' or an MT-bench / "
+                                                        "prompts file.")] = None,
+    arena_max_tokens: Annotated[int, typer.Option("--arena-max-tokens", help="Longest answer in a battle, in "
+                                                  "tokens.")] = 512,
+    arena_votes_per_minute: Annotated[float, typer.Option("--arena-votes-per-minute", help="Votes one voter may "
+                                                          "cast per minute (as a burst, then refilled).")] = 60.0,
     threads: ThreadsOpt = None,
     dtype: DtypeOpt = None,
     quant: QuantOpt = defaults.QUANT,
     force: ForceOpt = False,
 ) -> None:
-    """Serve the model and its adapters over the OpenAI HTTP API, with a web chat at /."""
+    """Serve the model and its adapters over the OpenAI HTTP API, with a web chat at / (and with --arena, a blind
+    A/B arena at /arena)."""
     from nomoat.adapters import AdapterSpec
     from nomoat.api import load_with_adapters
     from nomoat.errors import NomoatError
@@ -49,11 +65,24 @@ def serve(
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
         raise NomoatError(f"--adapter: the name {dup!r} is given twice")
+    arena_settings = None
+    if arena:
+        from nomoat.eval.arena import ArenaSettings
+        from nomoat.eval.questions import load_questions
+
+        if arena_max_tokens < 1 or arena_votes_per_minute <= 0:
+            raise NomoatError("--arena-max-tokens and --arena-votes-per-minute must be positive")
+        arena_settings = ArenaSettings(
+            db=arena, token=arena_token or None, max_tokens=min(arena_max_tokens, max_tokens_limit),
+            contestants=[m.strip() for m in (arena_models or "").split(",") if m.strip()],
+            questions=load_questions(arena_questions) if arena_questions else (),
+            votes_per_minute=arena_votes_per_minute)
     check_listen(host, port)
     with status("loading model..."):
         lm = load_with_adapters(model, specs, force=force, activate=False, dtype=dtype, threads=threads,
                                 quant=quant)
-    app_ = create_app(lm, name or base_name_for(lm), {sp.name: sp.weight for sp in specs}, settings)
+    app_ = create_app(lm, name or base_name_for(lm), {sp.name: sp.weight for sp in specs}, settings, arena_settings,
+                      {sp.name: str(sp.path) for sp in specs})
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         err.print(f"[yellow]warning:[/yellow] listening on {host} without --api-key: anyone who can reach this "
                   "port can use the model", soft_wrap=True)
@@ -61,6 +90,10 @@ def serve(
     shown = f"[{host}]" if ":" in host else host
     err.print(f"serving [bold]{models}[/bold] at http://{shown}:{port}/ (web chat at /, API at /v1; Ctrl-C stops)",
               soft_wrap=True)
+    if arena_settings:
+        a = app_.state.arena
+        err.print(f"arena at http://{shown}:{port}/arena with {len(a.names)} contestants, votes in {arena} "
+                  f"({a.store.counts()[1]} so far); leaderboard at /leaderboard", soft_wrap=True)
     make_server(app_, host, port).run()
     err.print("stopped")
 

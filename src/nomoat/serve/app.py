@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nomoat.errors import NomoatError
+from nomoat.eval.arena import ArenaFailure, ArenaSettings, arena_failure, arena_routes
 from nomoat.runtime.generate import GenerationConfig, GenerationStats
 from nomoat.runtime.loading import LoadedModel
 from nomoat.runtime.logprobs import TokenText
@@ -344,8 +345,10 @@ def _index_html() -> str:
 
 
 def create_app(lm: LoadedModel, base_name: str, adapters: dict[str, float] | None = None,
-               settings: ServerSettings | None = None) -> FastAPI:
-    """The ASGI app serving `lm` with its loaded adapters (name -> weight when selected)."""
+               settings: ServerSettings | None = None, arena: ArenaSettings | None = None,
+               adapter_sources: dict[str, str] | None = None) -> FastAPI:
+    """The ASGI app serving `lm` with its loaded adapters (name -> weight when selected); with `arena`, the
+    blind A/B arena at /arena and its leaderboard at /leaderboard."""
     settings = settings or ServerSettings()
     srv = Server(lm, ModelRegistry(base_name, adapters or {}), settings)
 
@@ -411,6 +414,12 @@ def create_app(lm: LoadedModel, base_name: str, adapters: dict[str, float] | Non
         return await srv.run(request, req, srv.completion_ids(req), False, req.max_tokens)
 
     app.include_router(v1)
+    if arena is not None:
+        from nomoat.serve.arena_contestants import ServedContestants
+
+        router, app.state.arena = arena_routes(ServedContestants(srv, adapter_sources), arena, settings.api_key)
+        app.add_exception_handler(ArenaFailure, arena_failure)  # type: ignore[arg-type]
+        app.include_router(router)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
