@@ -1,5 +1,6 @@
-"""The web chat at `/` in a real headless browser (Debian's chromium driven by Playwright): pick a model, send
-messages, watch the reply stream in, keep multi-turn history, and stop a reply midway."""
+"""The web chat at `/` and the arena at `/arena` in a real headless browser (Debian's chromium driven by
+Playwright): pick a model, send messages, watch the reply stream in, keep multi-turn history, stop a reply
+midway; in the arena, watch two anonymous answers stream, vote, see the names, go on to a second turn."""
 
 from __future__ import annotations
 
@@ -41,7 +42,10 @@ def server() -> Iterator[str]:
     for _, mod in lora_modules(lm.model):
         with torch.no_grad():
             mod.lora_B["pirate"].copy_(0.5 * torch.randn(mod.lora_B["pirate"].shape, generator=g))
-    app = create_app(lm, "tiny", {"pirate": 1.0}, ServerSettings(max_tokens_limit=LONG))
+    yield from _serve(create_app(lm, "tiny", {"pirate": 1.0}, ServerSettings(max_tokens_limit=LONG)))
+
+
+def _serve(app) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -144,4 +148,91 @@ def test_stop_button(server: str, browser) -> None:
     while httpx.get(server + "/health").json()["cancelled"] == before:
         assert time.monotonic() < deadline, "stopping in the page did not cancel the generation"
         time.sleep(0.05)
+    page.close()
+
+
+# --------------------------------------------------------------------------- the arena
+
+
+@pytest.fixture(scope="module")
+def arena_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    from nomoat.eval.arena import ArenaSettings
+    from nomoat.eval.questions import load_questions
+
+    lm = make_tiny_lm(seed=3, max_position_embeddings=1024)
+    add_adapter(lm.model, LoraConfig(r=4, alpha=8, targets="q,v"), name="pirate")
+    g = torch.Generator().manual_seed(1)
+    for _, mod in lora_modules(lm.model):
+        with torch.no_grad():
+            mod.lora_B["pirate"].copy_(0.5 * torch.randn(mod.lora_B["pirate"].shape, generator=g))
+    db = tmp_path_factory.mktemp("arena") / "arena.sqlite"
+    arena = ArenaSettings(str(db), max_tokens=48, questions=load_questions("builtin"), seed=1)
+    app = create_app(lm, "tiny", {"pirate": 1.0}, ServerSettings(max_tokens_limit=64), arena=arena)
+    for url in _serve(app):
+        yield url, db
+
+
+COUNT_SIDE_UPDATES = """() => {
+  window.sideUpdates = {a: [], b: []};
+  for (const side of ['a', 'b']) {
+    new MutationObserver(() => { const m = document.querySelectorAll('#log-' + side + ' .msg.assistant');
+      if (m.length) window.sideUpdates[side].push(m[m.length - 1].textContent); })
+      .observe(document.getElementById('log-' + side), {subtree: true, childList: true, characterData: true});
+  }
+}"""
+
+
+def _shot(page, tmp_path: Path, name: str) -> None:
+    shot = tmp_path / name
+    page.screenshot(path=str(shot))
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("NOMOAT_SCREENSHOT_DIR"):
+        shutil.copy(shot, Path(os.environ["NOMOAT_SCREENSHOT_DIR"]) / shot.name)
+
+
+def test_arena_page_blind_vote_reveal_and_second_turn(arena_server, browser, tmp_path: Path) -> None:
+    from nomoat.eval.battles import read_battles
+
+    url, db = arena_server
+    page = browser.new_page(viewport={"width": 1100, "height": 700})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url + "/arena")
+    page.wait_for_function("document.getElementById('status').textContent.includes('contestants')")
+    assert not page.is_hidden("#question")  # a question set is loaded: the page offers its questions
+    page.evaluate(COUNT_SIDE_UPDATES)
+    page.fill("#input", "Tell me about the sea.")
+    page.press("#input", "Enter")
+    page.wait_for_function("!document.getElementById('vote-a').disabled", timeout=60_000)
+    for side in ("a", "b"):
+        assert page.evaluate(f"new Set(window.sideUpdates.{side}).size") > 1  # streamed, not whole
+        assert page.inner_text(f"#log-{side} .msg.assistant")
+    assert page.inner_text("#name-a") == page.inner_text("#name-b") == ""
+    html = page.content()
+    assert "pirate" not in html and ">tiny<" not in html
+    _shot(page, tmp_path, "screenshot-arena-before-vote.png")
+
+    page.click("#vote-a")
+    page.wait_for_function("document.getElementById('name-a').textContent.length > 0")
+    revealed = {page.inner_text("#name-a").strip("· "), page.inner_text("#name-b").strip("· ")}
+    assert revealed == {"tiny", "pirate"}
+    assert "You voted: A is better" in page.inner_text("#result")
+    assert page.is_disabled("#vote-b")
+    _shot(page, tmp_path, "screenshot-arena-after-vote.png")
+
+    page.fill("#input", "And the mountains?")
+    page.press("#input", "Enter")
+    page.wait_for_function("document.querySelectorAll('#log-b .msg.assistant').length === 2 && "
+                           "!document.getElementById('send').disabled", timeout=60_000)
+    (b,) = read_battles(db)
+    assert b["winner"] == "model_a" and page.inner_text("#name-a").strip("· ") == b["model_a"]
+    assert [m["content"] for m in b["conversation_a"] if m["role"] == "user"] == ["Tell me about the sea."]
+    assert b["conversation_b"][1]["content"] == page.inner_text("#log-b .msg.assistant >> nth=0")
+
+    page.goto(url + "/leaderboard")
+    page.wait_for_selector("#board:not([hidden])")
+    rows = page.eval_on_selector_all("#board tbody tr", "rs => rs.map(r => r.children[1].textContent)")
+    assert rows == [b["model_a"], b["model_b"]]
+    _shot(page, tmp_path, "screenshot-leaderboard.png")
+    assert not errors, errors
     page.close()
