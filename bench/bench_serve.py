@@ -62,10 +62,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, adapters: list[Path], threads: int) -> None:
+    def __init__(self, adapters: list[Path], threads: int, extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        args = ["serve", "--port", str(self.port), "--threads", str(threads)]
+        args = ["serve", "--port", str(self.port), "--threads", str(threads), *extra]
         for i, p in enumerate(adapters):
             args += ["--adapter", f"a{i}={p}"]
         self.proc = subprocess.Popen([sys.executable, "-c", "from nomoat.cli import main; main()", *args],
