@@ -52,6 +52,18 @@ def ratings(
         table.add_row(str(c.rank), escape(c.name), f"{c.rating:.0f}", f"{c.lower:.0f} – {c.upper:.0f}",
                       str(c.battles), f"{100 * c.wins / c.battles:.0f}%", *extra)
     out.print(table, width=None if out.is_terminal else 160)  # piped output keeps whole rows
+    names = [c.name for c in rep.overall.contestants]
+    if len(names) <= 12:
+        wr = rep.overall.win_rates
+        matrix = Table(title="row's win rate against column (ties count half; battles in brackets)",
+                       title_justify="left")
+        matrix.add_column("")
+        for n in names:
+            matrix.add_column(escape(n), justify="right")
+        for a in names:
+            matrix.add_row(escape(a), *(f"{100 * wr[a][b][0]:.0f}% ({wr[a][b][1]})" if b in wr.get(a, {}) else "-"
+                                        for b in names))
+        out.print(matrix, width=None if out.is_terminal else 160)
     for g in rep.agreements:
         def pct(x: float) -> str:
             return "n/a" if math.isnan(x) else f"{100 * x:.0f}%"
