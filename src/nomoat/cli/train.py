@@ -13,9 +13,11 @@ from nomoat.cli.common import ModelOpt, ThreadsOpt, err, status
 from nomoat.errors import NomoatError
 
 
-def run_with_progress(fn: Callable[[Callable, Callable], Any], label: str = "training") -> Any:
+def run_with_progress(fn: Callable[[Callable, Callable], Any], label: str = "training",
+                      extra: Callable[[Any], str] | None = None) -> Any:
     """Run `fn(on_step, say)` with a progress bar on a terminal, or plain progress lines otherwise (a pipe or
-    a log file sees a line at the first step, every ~10% and at the end). Ctrl-C becomes a one-line message."""
+    a log file sees a line at the first step, every ~10% and at the end). `extra(step_info)` adds an
+    objective's own figures after the loss. Ctrl-C becomes a one-line message."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     live = err.is_terminal
@@ -28,7 +30,8 @@ def run_with_progress(fn: Callable[[Callable, Callable], Any], label: str = "tra
         if i.val_loss is not None:
             state["val"] = i.val_loss
         val = f" val {state['val']:.3f}" if state["val"] is not None else ""
-        info = f"loss {i.loss:.3f}{val} | {i.tokens_per_s:.0f} tok/s | lr {i.lr:.1e}"
+        more = f" | {extra(i)}" if extra else ""
+        info = f"loss {i.loss:.3f}{val}{more} | {i.tokens_per_s:.0f} tok/s | lr {i.lr:.1e}"
         if not live:
             every = max(1, i.total_steps // 10)
             if i.step == 1 or i.step % every == 0 or i.step == i.total_steps or i.val_loss is not None:

@@ -358,16 +358,21 @@ def _adapter_digest(model: torch.nn.Module, name: str) -> str:
         json.dumps(_scales(model, name), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def saved_config(out: str | Path) -> DPOConfig:
+    """The settings of the preference run checkpointed in `out` (for --resume: its dtype, its adapter)."""
+    return _resume_config(DPOConfig(data="", out=str(out)), Path(out))[0]
+
+
 def _resume_config(cfg: DPOConfig, out: Path):
     check_out(out, resume=True)
     ckpt = load_checkpoint(out)
-    saved = DPOConfig.from_saved(ckpt.state.get("config"), f"{out}/{CHECKPOINT_DIR}/state.json")
-    saved.out = cfg.out
     if ckpt.state.get("objective") != "preference":
         raise NomoatError(f"{out}: the run there is not a preference (dpo) run; resume it with its own command")
-    if Path(cfg.data).exists() and data_fingerprint(cfg.data) != ckpt.state["data_sha256"]:
+    saved = DPOConfig.from_saved(ckpt.state.get("config"), f"{out}/{CHECKPOINT_DIR}/state.json")
+    saved.out = cfg.out
+    if cfg.data and Path(cfg.data).exists() and data_fingerprint(cfg.data) != ckpt.state["data_sha256"]:
         raise NomoatError(f"{cfg.data}: differs from the data the run in {out} was trained on")
-    saved.data = cfg.data if Path(cfg.data).exists() else saved.data
+    saved.data = cfg.data if cfg.data and Path(cfg.data).exists() else saved.data
     return saved, ckpt
 
 
@@ -413,6 +418,9 @@ def train_dpo(lm, cfg: DPOConfig, resume: bool = False, overwrite: bool = False,
     add_adapter(model, lcfg, ADAPTER, init=True)
     n_trainable = mark_trainable(model, ADAPTER)
     fingerprint = base_fingerprint(lm)
+    if ckpt is not None and ckpt.state.get("base_fingerprint") not in (None, fingerprint):
+        raise NomoatError(f"{out}: the run was trained on base {ckpt.state['base_fingerprint']}, the loaded model is "
+                          f"{fingerprint}; resume with the run's own model (--model)")
     pad = lm.tokenizer.pad_id
     ref_all = None
     cache_path = None
@@ -439,7 +447,8 @@ def train_dpo(lm, cfg: DPOConfig, resume: bool = False, overwrite: bool = False,
                       min_lr_ratio=cfg.min_lr_ratio, max_grad_norm=cfg.max_grad_norm, grad_accum=cfg.grad_accum,
                       eval_every=cfg.eval_every, save_every=cfg.save_every)
     res = train_loop(model, objective, loop, out, lambda: adapter_state_dict(model, ADAPTER),
-                     {"config": asdict(cfg), "data_sha256": data_sha, "objective": "preference"},
+                     {"config": asdict(cfg), "data_sha256": data_sha, "objective": "preference",
+                      "base_fingerprint": fingerprint},
                      resume=ckpt, on_step=on_step, say=say)
     if res.interrupted:
         raise KeyboardInterrupt
