@@ -272,3 +272,107 @@ def test_hf_shards_are_mapped_once_and_index_entries_checked(hf_dir, tmp_path, m
         (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: target for n in names}}))
         with pytest.raises(NomoatError, match=why):
             hf.HFModelDir(d)
+
+
+HOSTILE_TEMPLATES = {
+    "nested-range": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "longer than"),
+    "nested-set": ("{% set x = range(100000) %}{% for i in x %}{% for j in x %}{% endfor %}{% endfor %}",
+                   "longer than"),
+    "exponential-macro": ("{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(60) }}",
+                          "longer than"),
+    "repeat": ("{{ 'x' * 1000000000 }}", "size limit"),
+    "doubling": ("{% set ns = namespace(s='xx') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
+                 "{{ ns.s }}", "builds a value"),
+    "power": ("{{ 10 ** 100000000 }}", "too large"),
+    "wide-filter": ("{{ 'x'|center(1000000000) }}", "passes"),
+    "wide-method": ("{{ 'x'.ljust(1000000000) }}", "passes"),
+    "wide-percent": ("{{ '%0999999999d' % 1 }}", "format string"),
+    "wide-format": ("{{ '{:>999999999}'.format('x') }}", "format string"),
+    "recursion": ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recursion"),
+    "syntax-error": ("{% for %}", "line 1"),
+    "type-error": ("{{ messages[0]['content'] + 1 }}", "TypeError"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_TEMPLATES))
+def test_chat_template_runs_in_a_budget(case) -> None:
+    """A template from a model file cannot hang, allocate without bound or raise anything but one line."""
+    import time
+
+    from nomoat.errors import NomoatError
+    from nomoat.formats.tokenizer import RENDER_SECONDS, render_template
+
+    source, why = HOSTILE_TEMPLATES[case]
+    t0 = time.monotonic()
+    with pytest.raises(NomoatError, match=why) as e:
+        render_template(source, messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert time.monotonic() - t0 < RENDER_SECONDS + 3
+    assert "\n" not in str(e.value) and str(e.value).startswith("chat template: ")
+
+
+def test_template_limits_leave_real_templates_alone() -> None:
+    from conftest import CHATML
+
+    from nomoat.formats.tokenizer import render_template
+
+    msgs = [{"role": "user", "content": "hi " * 100_000}, {"role": "assistant", "content": "ok"}]
+    out = render_template(CHATML, messages=msgs, add_generation_prompt=False)
+    assert out == f"<|im_start|>user\n{'hi ' * 100_000}<|im_end|>\n<|im_start|>assistant\nok<|im_end|>\n"
+    assert render_template("{{ '%5d'|format(3) }}{{ '{:>3}'.format('x') }}{{ range(3)|list }}") == "    3  x[0, 1, 2]"
+
+
+def test_runaway_template_in_a_model_file_is_one_line(pristine, monkeypatch, capsys) -> None:
+    d, kv, ts = pristine
+    loop = HOSTILE_TEMPLATES["nested-range"][0]
+    path = write_gguf(d / "loop-template.gguf", _set(kv, "tokenizer.chat_template", loop), ts)
+    code, out, err = run_cli(["generate", "hi", "-m", str(path), "-n", "1"], monkeypatch, capsys)
+    assert_one_line_error(code, err, "chat template", "longer than")
+
+
+def test_a_huge_record_is_cut_before_it_is_tokenized(tmp_path) -> None:
+    """A 100 MB record costs a tokenizer call on a few thousand characters, and gives the same tokens."""
+    from conftest import make_tiny_tokenizer
+
+    from nomoat.data import build_dataset, load_examples
+    from nomoat.data.sft import char_budget, tokenize_example
+
+    tok = make_tiny_tokenizer()
+    big = "hello world " * 9_000_000
+    p = tmp_path / "big.jsonl"
+    p.write_text(json.dumps({"text": big}) + "\n" + json.dumps({"text": "short one"}) + "\n")
+    seen: list[int] = []
+    real = tok.encode
+    tok.encode = lambda text, *a, **k: seen.append(len(text)) or real(text, *a, **k)  # type: ignore[method-assign]
+    examples = load_examples(p)
+    rows = build_dataset(examples, tok, 64)
+    assert max(seen) <= char_budget(tok, 64) < 50_000
+    assert rows[0][0] == real(big[:20_000])[:64]
+    chat = load_examples(_jsonl(tmp_path / "chat.jsonl", {"instruction": big, "output": "ok"}))[0]
+    seen.clear()
+    ids, labels = tokenize_example(chat, tok, 64)
+    assert max(seen) <= char_budget(tok, 64) + 100 and len(ids) == 64 and set(labels) == {-100}
+
+
+def _jsonl(path: Path, *records: dict) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_packed_long_records_are_tokenized_in_pieces_or_refused_by_line(tmp_path) -> None:
+    from conftest import make_tiny_tokenizer
+
+    from nomoat.data import build_dataset, load_examples
+    from nomoat.data.sft import LONG_PIECE
+    from nomoat.errors import NomoatError
+
+    tok = make_tiny_tokenizer()
+    text = "The quick brown fox.\nJumps over  the lazy dog 123,\n\n  x\nHello there! " * (3 * LONG_PIECE // 60)
+    rows = build_dataset(load_examples(_jsonl(tmp_path / "t.jsonl", {"text": text})), tok, 256, pack=True)
+    assert [i for r in rows for i in r[0]] == (tok.encode(text) + [tok.eos_id])[:len(rows) * 256]
+    one_line = "x" * (2 * LONG_PIECE)
+    with pytest.raises(NomoatError, match=r"u\.jsonl:2: a record of \d+ characters with no line break"):
+        build_dataset(load_examples(_jsonl(tmp_path / "u.jsonl", {"text": "a"}, {"text": one_line})), tok, 64,
+                      pack=True)
+    with pytest.raises(NomoatError, match=r"c\.jsonl:1: a conversation of \d+ characters is too long for --pack"):
+        build_dataset(load_examples(_jsonl(tmp_path / "c.jsonl", {"instruction": one_line, "output": "b"})), tok, 64,
+                      pack=True)

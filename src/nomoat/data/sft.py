@@ -209,11 +209,96 @@ def tokenize_example(ex: Example, tok: ChatTokenizer, seq_len: int, train_on_pro
     on the role header; ``train_on_prompt`` puts loss on every token. Text examples carry loss
     everywhere and end with eos. A prepended BOS never carries loss. Truncation can leave no
     loss token at all: the pair is still returned (see ``has_loss``); ``build_dataset`` skips it.
+    An example far longer than ``seq_len`` is cut to a character budget before it is tokenized
+    (`clip_example`), which leaves the first ``seq_len`` tokens as they are.
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
-    ids, labels = _tokenize(ex, tok, train_on_prompt)
+    ids, labels = _tokenize(clip_example(ex, char_budget(tok, seq_len)), tok, train_on_prompt)
     return ids[:seq_len], labels[:seq_len]
+
+
+# Tokenizing costs ~200 bytes of transient memory per character: a 100 MB record would take 20 GB.
+# Records are therefore cut before tokenizing (unpacked) or tokenized in pieces (packed).
+LONG_PIECE = 1 << 18  # characters tokenized in one call
+
+
+def max_token_chars(tok: ChatTokenizer) -> int:
+    """The most characters of text one token can stand for: its longest vocabulary entry (a byte-level
+    entry spells each byte with one character, so it is never shorter than the text it covers)."""
+    tk = getattr(tok, "tk", None)
+    if tk is None:
+        return 256
+    cached = getattr(tok, "_max_token_chars", None)
+    if cached is None:
+        cached = max((len(t) for t in tk.get_vocab(with_added_tokens=True)), default=1)
+        try:
+            tok._max_token_chars = cached  # type: ignore[attr-defined]
+        except AttributeError:
+            pass
+    return cached
+
+
+def char_budget(tok: ChatTokenizer, seq_len: int) -> int:
+    """Characters of content beyond which no token can land within the first ``seq_len`` tokens: every
+    token covers at most `max_token_chars`, so this many characters make at least 2 * seq_len tokens."""
+    return 2 * seq_len * max(max_token_chars(tok), 1) + 4096
+
+
+def clip_example(ex: Example, budget: int) -> Example:
+    """The example with its text, or its messages' contents in order, cut to `budget` characters in all
+    (messages past the budget dropped); the example itself when it fits."""
+    if ex.text is not None:
+        return ex if len(ex.text) <= budget else Example(messages=None, text=ex.text[:budget], source=ex.source)
+    messages = ex.messages or []
+    if sum(len(m["content"]) for m in messages) <= budget:
+        return ex
+    kept, left = [], budget
+    for m in messages:
+        if left <= 0:
+            break
+        kept.append({**m, "content": m["content"][:left]})
+        left -= len(m["content"])
+    return Example(messages=kept, text=None, source=ex.source)
+
+
+def _cut_before(text: str, lo: int, hi: int) -> int | None:
+    """The last offset in [lo, hi) right after a line break between two non-space characters."""
+    i = text.rfind("\n", lo, hi - 1)
+    while i > lo:
+        if not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i + 1
+        i = text.rfind("\n", lo, i)
+    return None
+
+
+def encode_long(tok: ChatTokenizer, text: str, source: str) -> list[int]:
+    """Token ids of a text of any length, tokenized in pieces of at most ~LONG_PIECE characters.
+
+    Pieces end at a line break between two non-space characters; the tokens across each cut are checked
+    against tokenizing its surroundings whole, so the ids are those of one call. A tokenizer whose tokens
+    change at such a cut, or a text without one, is refused by its source.
+    """
+    if len(text) <= LONG_PIECE:
+        return tok.encode(text)
+    cuts, start = [0], 0
+    while len(text) - start > LONG_PIECE:
+        cut = _cut_before(text, start + LONG_PIECE // 2, start + LONG_PIECE)
+        if cut is None:
+            raise NomoatError(f"{source}: a record of {len(text)} characters with no line break to tokenize it "
+                              f"by in pieces; split it into records under {LONG_PIECE} characters")
+        start = cut
+        cuts.append(start)
+    cuts.append(len(text))
+    for c in cuts[1:-1]:
+        a, b = text[max(0, c - 256):c], text[c:c + 256]
+        if tok.encode(a) + tok.encode(b) != tok.encode(a + b):
+            raise NomoatError(f"{source}: a record of {len(text)} characters is too long to tokenize at once with "
+                              f"this tokenizer; split it into records under {LONG_PIECE} characters")
+    ids: list[int] = []
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        ids += tok.encode(text[lo:hi])
+    return ids
 
 
 def has_loss(labels: Sequence[int]) -> bool:
@@ -222,7 +307,7 @@ def has_loss(labels: Sequence[int]) -> bool:
 
 def _tokenize(ex: Example, tok: ChatTokenizer, train_on_prompt: bool) -> Pair:
     if ex.text is not None:
-        ids = tok.encode(ex.text) + [tok.eos_id]
+        ids = encode_long(tok, ex.text, ex.source) + [tok.eos_id]
         loss = [True] * len(ids)
     elif tok.has_chat_template and train_on_prompt:
         # No spans needed, so templates that are not prefix-stable still work here.
@@ -353,6 +438,11 @@ def build_dataset(
         stream_ids: list[int] = []
         stream_labels: list[int] = []
         for ex in examples:
+            # A packed example is not cut: a long text is tokenized in pieces, a long conversation refused.
+            chars = sum(len(m["content"]) for m in ex.messages or [])
+            if chars > LONG_PIECE:
+                raise NomoatError(f"{ex.source}: a conversation of {chars} characters is too long for --pack "
+                                  f"(at most {LONG_PIECE}); split it, or train without --pack")
             ids, labels = _tokenize(ex, tok, train_on_prompt)
             stream_ids += ids
             stream_labels += labels

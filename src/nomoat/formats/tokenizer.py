@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import contextvars
+import functools
 import json
+import re
+import time
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -141,18 +146,157 @@ def _raise(message: str) -> None:
     raise NomoatError(f"chat template: {message}")
 
 
-@lru_cache(maxsize=16)
-def _compile_template(source: str):
+# A chat template is code from the model file: it renders in jinja2's sandbox with a budget. Every loop
+# iteration and macro call ticks a clock; the strings, lists and integers it builds, the numbers it passes
+# to calls and filters, and its output are bounded.
+RENDER_SECONDS = 2.0
+MAX_RENDER_CHARS = 1 << 24  # the longest string or list a template may build
+MAX_CALL_INT = 1 << 20  # widths, counts and repeats passed to a call or filter
+MAX_INT_BITS = 4096
+_budget: contextvars.ContextVar[float | None] = contextvars.ContextVar("template_deadline", default=None)
+
+
+def _size(x: Any) -> int:
+    return len(x) if isinstance(x, str | bytes | list | tuple | dict) else 0
+
+
+def _checked(x: Any) -> Any:
+    if _size(x) > MAX_RENDER_CHARS:
+        raise NomoatError(f"chat template: builds a value of {_size(x)} items (limit {MAX_RENDER_CHARS})")
+    if isinstance(x, int) and x.bit_length() > MAX_INT_BITS:
+        raise NomoatError(f"chat template: builds an integer of {x.bit_length()} bits")
+    return x
+
+
+def _check_args(args: Any) -> None:
+    for a in args:
+        if isinstance(a, int | float) and not isinstance(a, bool) and abs(a) > MAX_CALL_INT:
+            raise NomoatError(f"chat template: passes {a!r} to a call or filter (limit {MAX_CALL_INT})")
+
+
+def _check_format(spec: Any) -> None:
+    """A %- or {}-format string may not ask for a field wider than MAX_CALL_INT ('%0999999999d')."""
+    if isinstance(spec, str) and any(int(w) > MAX_CALL_INT for w in re.findall(r"\d{7,}", spec)):
+        raise NomoatError(f"chat template: a format string asks for a field wider than {MAX_CALL_INT}")
+
+
+def _guard_filter(name: str, f: Any) -> Any:
+    @functools.wraps(f)  # keeps jinja's pass_context / pass_environment marks
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        _check_args((*args[1:], *kwargs.values()))
+        if name == "format":
+            _check_format(next((a for a in args if isinstance(a, str)), None))
+        return _checked(f(*args, **kwargs))
+    return guarded
+
+
+class _TickLoops(ast.NodeTransformer):
+    """Rewrites jinja's generated Python: `environment.tick()` first in every loop body and function, and
+    a size check around every string join (`~`)."""
+
+    @staticmethod
+    def _env_call(attr: str, args: list[ast.expr]) -> ast.Call:
+        return ast.Call(ast.Attribute(ast.Name("environment", ast.Load()), attr, ast.Load()), args, [])
+
+    def _tick(self, node: Any) -> Any:
+        self.generic_visit(node)
+        node.body.insert(0, ast.Expr(self._env_call("tick", [])))
+        return node
+
+    visit_For = visit_While = visit_FunctionDef = _tick
+
+    def visit_Call(self, node: ast.Call) -> Any:
+        self.generic_visit(node)
+        if isinstance(node.func, ast.Name) and node.func.id in ("str_join", "markup_join"):
+            return self._env_call("checked", [node])
+        return node
+
+
+def _tick() -> None:
+    deadline = _budget.get()
+    if deadline is not None and time.monotonic() > deadline:
+        raise NomoatError(f"chat template: rendering takes longer than {RENDER_SECONDS:g} s (a runaway loop?)")
+
+
+@lru_cache(maxsize=1)
+def _env() -> Any:
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    class BudgetedSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"+", "*", "**", "%", "//"})
+        tick = staticmethod(_tick)
+        checked = staticmethod(_checked)
+
+        @staticmethod
+        def concat(parts: Any) -> str:  # macro and block bodies
+            return _checked("".join(parts))
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            # Refuse before computing: 'x' * 10**9 or 10 ** 10**9 would allocate or spin first.
+            if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 \
+                    and right * abs(left).bit_length() > MAX_INT_BITS:
+                raise NomoatError(f"chat template: {left} ** {right} is too large")
+            if operator == "%":
+                _check_format(left)
+            if operator == "*" and (isinstance(right, int) and _size(left) * right > MAX_RENDER_CHARS
+                                    or isinstance(left, int) and _size(right) * left > MAX_RENDER_CHARS):
+                raise NomoatError("chat template: repeats a value past the size limit")
+            return _checked(super().call_binop(context, operator, left, right))
+
+        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+            _check_args((*args, *(v for k, v in kwargs.items() if k != "_loop_vars")))
+            return _checked(super().call(__context, __obj, *args, **kwargs))
+
+        def wrap_str_format(self, value: Any) -> Any:
+            _check_format(getattr(value, "__self__", None))  # '{:>999999999}'.format(x)
+            return super().wrap_str_format(value)
+
+        def _compile(self, source: str, filename: str) -> Any:
+            tree = ast.fix_missing_locations(_TickLoops().visit(ast.parse(source)))
+            return compile(tree, filename, "exec")
+
     # The same environment transformers renders chat templates with, so the strings match exactly.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = BudgetedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False, ensure_ascii=False: \
         json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.filters = {name: _guard_filter(name, f) for name, f in env.filters.items()}
+    env.globals.pop("lipsum", None)  # lipsum(n) writes n paragraphs: nothing a chat template needs
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source)
+    return env
+
+
+@lru_cache(maxsize=16)
+def _compile_template(source: str) -> Any:
+    return _env().from_string(source)
+
+
+def render_template(source: str, **context: Any) -> str:
+    """Render a chat template in the budgeted sandbox (time, sizes, output); every failure, whether a
+    syntax error, an error the template raises or a budget overrun, is one NomoatError line."""
+    from jinja2 import TemplateError
+
+    token = _budget.set(time.monotonic() + RENDER_SECONDS)
+    try:
+        out, size = [], 0
+        for piece in _compile_template(source).generate(**context):
+            size += len(piece)
+            if size > MAX_RENDER_CHARS:
+                raise NomoatError(f"chat template: writes more than {MAX_RENDER_CHARS} characters")
+            out.append(piece)
+        return "".join(out)
+    except NomoatError:
+        raise
+    except TemplateError as e:
+        where = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+        raise NomoatError(f"chat template: {' '.join(str(e).split())[:200]}{where}") from None
+    except RecursionError:
+        raise NomoatError("chat template: recursion too deep") from None
+    except Exception as e:  # whatever the template's own expressions raise (TypeError, KeyError, ...)
+        raise NomoatError(f"chat template: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+    finally:
+        _budget.reset(token)
 
 
 class Tokenizer:
@@ -205,8 +349,8 @@ class Tokenizer:
         if not self.chat_template:
             raise NomoatError("this model has no chat template; use --raw")
         tok = self.token
-        return _compile_template(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
+        return render_template(
+            self.chat_template, messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=tok(self.bos_id) if self.bos_id is not None else "",
             eos_token=tok(self.eos_id) if self.eos_id is not None else "", **kwargs)
 
