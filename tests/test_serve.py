@@ -51,7 +51,8 @@ def random_adapters(lm: LoadedModel, out: Path, specs: dict[str, LoraConfig], ba
         add_adapter(lm.model, cfg, name=name)
         for _, mod in lora_modules(lm.model):
             if name in mod.lora_B:
-                with torch.no_grad():
+                with torch.no_grad():  # A too: the global RNG would make the adapters differ from run to run
+                    mod.lora_A[name].copy_(torch.randn(mod.lora_A[name].shape, generator=g) / mod.in_features ** 0.5)
                     mod.lora_B[name].copy_(0.5 * torch.randn(mod.lora_B[name].shape, generator=g))
         paths[name] = save_adapter(lm.model, out / name, cfg, base_name, {}, name=name)
         remove_adapter(lm.model, name)

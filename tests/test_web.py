@@ -166,7 +166,7 @@ def arena_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
         with torch.no_grad():
             mod.lora_B["pirate"].copy_(0.5 * torch.randn(mod.lora_B["pirate"].shape, generator=g))
     db = tmp_path_factory.mktemp("arena") / "arena.sqlite"
-    arena = ArenaSettings(str(db), max_tokens=48, questions=load_questions("builtin"), seed=1)
+    arena = ArenaSettings(str(db), max_tokens=48, questions=load_questions("builtin"), seed=1, temperature=0)
     app = create_app(lm, "tiny", {"pirate": 1.0}, ServerSettings(max_tokens_limit=64), arena=arena)
     for url in _serve(app):
         yield url, db

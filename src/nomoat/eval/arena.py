@@ -51,7 +51,8 @@ class Contestants(Protocol):
 
     def stack(self, name: str) -> dict[str, Any]: ...
 
-    def stream(self, name: str, messages: list[dict[str, str]], max_tokens: int) -> AsyncIterator[str]: ...
+    def stream(self, name: str, messages: list[dict[str, str]], max_tokens: int,
+               temperature: float | None) -> AsyncIterator[str]: ...
 
 
 @dataclass
@@ -61,6 +62,7 @@ class ArenaSettings:
     contestants: Sequence[str] = ()  # empty: every model id the server lists
     questions: Sequence[Question] = ()
     max_tokens: int = 512
+    temperature: float | None = None  # None: the server's default sampling
     votes_per_minute: float = 60.0  # per voter, with a burst of as many
     seed: int | None = None
 
@@ -169,7 +171,7 @@ class Arena:
         async def pump(k: int) -> None:
             side = "ab"[k]
             try:
-                async for piece in self.gen.stream(battle.names[k], convs[k], max_tokens):
+                async for piece in self.gen.stream(battle.names[k], convs[k], max_tokens, self.settings.temperature):
                     texts[k].append(piece)
                     await queue.put({"side": side, "delta": piece})
                 await queue.put({"side": side, "done": True})

@@ -5,7 +5,7 @@ Functions here find and replace modules by name; they know nothing of files (see
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -82,6 +82,27 @@ def set_active(model: nn.Module, weights: dict[str, float]) -> None:
             if n in mod.merged:
                 raise NomoatError(f"adapter {n!r} is merged; unmerge it before changing its weight")
             mod.weights[n] = float(weights[n])
+
+
+def set_row_adapters(model: nn.Module, per_row: Sequence[dict[str, float]] | None) -> None:
+    """Give each row of the next batch its own adapter stack (name -> weight; {} for the bare base), or
+    None to go back to the model-wide active adapters. Rows that share an adapter are computed together."""
+    groups: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    if per_row is not None:
+        known = set(adapter_names(model))
+        rows: dict[str, tuple[list[int], list[float]]] = {}
+        for i, stack in enumerate(per_row):
+            for n, w in stack.items():
+                if n not in known:
+                    raise NomoatError(f"adapter {n!r} is not loaded (loaded: {', '.join(sorted(known)) or 'none'})")
+                rows.setdefault(n, ([], []))
+                rows[n][0].append(i)
+                rows[n][1].append(float(w))
+        groups = {n: (torch.tensor(idx), torch.tensor(ws).view(-1, 1, 1)) for n, (idx, ws) in rows.items()}
+    for _, mod in lora_modules(model):
+        if groups and any(n in mod.merged for n in groups):
+            raise NomoatError("an adapter is merged into the base; unmerge it to run it on some rows only")
+        mod.rows = groups
 
 
 def active_weights(model: nn.Module) -> dict[str, float]:

@@ -116,6 +116,9 @@ class LoRALinear(nn.Module):
         self.dropouts: dict[str, float] = {}
         self.active: list[str] = []
         self.merged: dict[str, float] = {}  # adapter -> effective scale folded into base.weight
+        # Per-row adapters for a batch whose rows run different stacks (`inject.set_row_adapters`): adapter ->
+        # (row indices, per-row weights [n, 1, 1]). When set, it replaces `active`.
+        self.rows: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def add(self, name: str, r: int, scale: float, dropout: float = 0.0, init: bool = True,
             dtype: torch.dtype = torch.float32) -> None:
@@ -167,8 +170,26 @@ class LoRALinear(nn.Module):
         with torch.no_grad():
             w -= ((B @ A) * self.merged.pop(name)).to(w.dtype)
 
+    def _forward_rows(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Each adapter's low-rank product over just the rows that use it (gathered, then added back), so rows
+        with different stacks share one pass through the base weights."""
+        assert self.rows is not None
+        for name, (idx, w) in self.rows.items():
+            if name not in self.lora_A:
+                continue  # this adapter does not target this layer
+            A, B = self.lora_A[name], self.lora_B[name]
+            whole = idx.numel() == x.shape[0]
+            h = x if whole else x.index_select(0, idx)
+            if h.dtype != A.dtype:
+                A, B = A.to(h.dtype), B.to(h.dtype)
+            d = F.linear(F.linear(h, A), B).mul(w.to(h.dtype) * self.scales[name]).to(y.dtype)
+            y = y + d if whole else y.index_add(0, idx, d)
+        return y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if self.rows is not None:
+            return self._forward_rows(x, y)
         for name in self.active:
             if name in self.merged:
                 continue

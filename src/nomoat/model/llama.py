@@ -93,6 +93,56 @@ class KVCache:
         self.pos = 0
 
 
+class SlotCache:
+    """Keys and values for continuous batching: one row (slot) per running sequence, each at its own length.
+
+    Rows [0, n) are in use, n given by the batch fed; the engine keeps live rows packed at the front.
+    Layout [layers, slots, kv_heads, capacity, head_dim]; the capacity grows (doubling) as sequences do,
+    so memory follows the longest running sequence rather than the model's context.
+    """
+
+    def __init__(self, cfg: LlamaConfig, slots: int, capacity: int = 256, dtype: torch.dtype = torch.float32):
+        self.cfg, self.slots, self.dtype = cfg, slots, dtype
+        self.lens = torch.zeros(slots, dtype=torch.long)
+        self._alloc(capacity)
+
+    def _alloc(self, capacity: int) -> None:
+        shape = (self.cfg.num_hidden_layers, self.slots, self.cfg.num_key_value_heads, capacity, self.cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=self.dtype)
+        self.v = torch.zeros(shape, dtype=self.dtype)
+        self.capacity = capacity
+
+    def ensure(self, length: int) -> None:
+        """Room for `length` positions in every row (a bigger buffer, old contents kept)."""
+        if length <= self.capacity:
+            return
+        cap = min(max(length, 2 * self.capacity), max(length, self.cfg.max_position_embeddings))
+        old_k, old_v, old_cap = self.k, self.v, self.capacity
+        self._alloc(cap)
+        self.k[..., :old_cap, :] = old_k
+        self.v[..., :old_cap, :] = old_v
+
+    def shrink(self, capacity: int = 256) -> None:
+        """Drop every row and go back to a small buffer (when nothing runs)."""
+        self.lens.zero_()
+        if self.capacity > capacity:
+            self._alloc(capacity)
+
+    def load(self, row: int, cache: KVCache, length: int) -> None:
+        """Put a sequence prefilled in its own cache (batch 1) into `row`."""
+        self.ensure(length)
+        self.k[:, row, :, :length] = cache.k[:, 0, :, :length]
+        self.v[:, row, :, :length] = cache.v[:, 0, :, :length]
+        self.lens[row] = length
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy row `src` into row `dst` (to keep live rows packed when one leaves)."""
+        n = int(self.lens[src])
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lens[dst] = n
+
+
 class FusableBlock(nn.Module):
     """A block whose parallel projections (q/k/v, gate/up) may also run as one fused layer.
 
@@ -151,6 +201,17 @@ class Attention(FusableBlock):
         q, k = qk.split((self.n_heads, self.n_kv), dim=1)
         v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         out_dtype = x.dtype
+        if isinstance(cache, SlotCache):
+            # One new token per row, each row at its own length: write it there, attend over the keys up to
+            # the longest row, with the mask hiding what lies past each row's own length.
+            rows = torch.arange(B)
+            cache.k[layer, rows, :, cache.lens[:B]] = k[:, :, 0].to(cache.dtype)
+            cache.v[layer, rows, :, cache.lens[:B]] = v[:, :, 0].to(cache.dtype)
+            S = mask.shape[-1]
+            k, v = cache.k[layer, :B, :, :S], cache.v[layer, :B, :, :S]
+            qg = q.to(k.dtype).view(B, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
+            out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).view(B, self.n_heads, 1, self.head_dim)
+            return self.o_proj(out.transpose(1, 2).reshape(B, 1, -1).to(out_dtype))
         if cache is not None:
             p = cache.pos
             cache.k[layer, :, :, p:p + T] = k
@@ -254,6 +315,8 @@ class LlamaForCausalLM(nn.Module):
         packed after one shared prompt); every query must see at least one key.
         """
         B, T = input_ids.shape
+        if isinstance(cache, SlotCache):
+            return self._slot_step(input_ids, cache)
         past = cache.pos if cache is not None else 0
         if cache is not None and past + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} tokens, asked for {past + T}")
@@ -288,12 +351,30 @@ class LlamaForCausalLM(nn.Module):
             cache.pos += T
         return self.model.norm(x)
 
+    def _slot_step(self, input_ids: torch.Tensor, cache: SlotCache) -> torch.Tensor:
+        """One decoding step for rows 0..B-1 of a slot cache, each at its own position."""
+        B, T = input_ids.shape
+        if T != 1:
+            raise ValueError("a slot cache takes one token per row; prefill into a KVCache and load it")
+        lens = cache.lens[:B]
+        S = int(lens.max()) + 1
+        cache.ensure(S)
+        cos_t, sin_t = self.rotary.tables(S)
+        pos = lens.view(B, 1)
+        cos, sin = cos_t[pos].unsqueeze(1), sin_t[pos].unsqueeze(1)
+        mask = (torch.arange(S).view(1, S) <= lens.view(B, 1)).view(B, 1, 1, S)
+        x = self.embed(input_ids)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, cache, i)
+        cache.lens[:B] += 1
+        return self.model.norm(x)
+
     def forward(
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | SlotCache | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
         h = self.hidden_states(input_ids, position_ids, attention_mask, cache)

@@ -12,6 +12,7 @@ from nomoat import defaults
 from nomoat.errors import NomoatError
 from nomoat.formats.tokenizer import Tokenizer
 from nomoat.model import KVCache, LlamaForCausalLM
+from nomoat.model.config import LlamaConfig
 from nomoat.runtime.logprobs import MAX_TOP_LOGPROBS, Piece, TokenLogprob, token_logprob
 
 PREFILL_CHUNK = 512
@@ -147,11 +148,78 @@ def _prefill(model: LlamaForCausalLM, ids: torch.Tensor, cache: KVCache, mask: t
     return logits[:, -1]
 
 
-def _check_context(model: LlamaForCausalLM, n_prompt: int, max_new: int) -> int:
-    ctx = model.config.max_position_embeddings
+def _check_context(ctx: int, n_prompt: int, max_new: int) -> int:
     if n_prompt >= ctx:
         raise NomoatError(f"prompt is {n_prompt} tokens; the model's context is {ctx}")
     return min(max_new, ctx - n_prompt)
+
+
+class Decoding:
+    """One sequence's decoding state: its settings, seeded RNG, penalty, detokenizer, logprobs and stats.
+
+    Fed the logits of each step, it picks the next token and returns the text that token adds. `stream`
+    and the server's batching engine both decode through it, so a request decodes the same alone or in a
+    batch.
+    """
+
+    def __init__(self, model_cfg: LlamaConfig, tok: Tokenizer, prompt_ids: list[int], cfg: GenerationConfig,
+                 stats: GenerationStats | None = None) -> None:
+        cfg.check()
+        if not prompt_ids:
+            raise NomoatError("empty prompt")
+        self.cfg, self.tok, self.prompt_ids = cfg, tok, prompt_ids
+        self.stats = stats if stats is not None else GenerationStats()
+        self.max_new = _check_context(model_cfg.max_position_embeddings, len(prompt_ids), cfg.max_new_tokens)
+        self.gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+        self.detok = _Detokenizer(tok, cfg.stop)
+        self.seen: torch.Tensor | None = None
+        if cfg.repetition_penalty != 1.0:
+            self.seen = torch.zeros(1, model_cfg.vocab_size, dtype=torch.bool)
+            self.seen[0, prompt_ids] = True
+        self.lps: list[TokenLogprob] | None = None if cfg.logprobs is None else []
+        self.stats.prompt_tokens = len(prompt_ids)
+        self.stats.finish_reason = "length"
+        self.steps = 0
+        self.done = self.max_new == 0
+        self.token: int | None = None  # the token to feed next, while not done
+
+    def push(self, logits: torch.Tensor) -> list[str]:
+        """Take one step's logits [1, V]: sample, and return the text pieces it completes (maybe none)."""
+        raw = logits  # logprobs are read before penalties and sampling settings, as OpenAI reports them
+        if self.seen is not None:
+            logits = _apply_penalty(logits, self.seen, self.cfg.repetition_penalty)
+        token = int(sample_next(logits, self.cfg, self.gen)[0])
+        self.stats.generated_tokens += 1
+        self.steps += 1
+        if token in self.tok.stop_ids:
+            self.stats.finish_reason, self.done = "stop", True
+            return []
+        out: list[str] = []
+        if self.lps is not None:
+            self.lps.append(token_logprob(raw[0], token, self.cfg.logprobs))
+        delta = self.detok.push(token)
+        if delta:
+            if self.lps is not None:
+                delta, self.lps = Piece(delta, self.lps), []
+            out.append(delta)
+        if self.detok.stopped:
+            self.stats.finish_reason, self.done = "stop", True
+        elif self.steps >= self.max_new:
+            self.done = True
+        else:
+            if self.seen is not None:
+                self.seen[0, token] = True
+            self.token = token
+        return out
+
+    def finish(self) -> list[str]:
+        """The text held back at the end (and, with logprobs, the tokens that added no text)."""
+        rest = self.detok.flush()
+        if self.detok.stopped:
+            rest = ""
+        if self.lps:
+            return [Piece(rest, self.lps)]
+        return [rest] if rest else []
 
 
 @torch.inference_mode()
@@ -162,57 +230,19 @@ def stream(model: LlamaForCausalLM, tok: Tokenizer, prompt_ids: list[int], cfg: 
     With `cfg.logprobs` set, each piece is a `Piece` whose `.logprobs` hold the tokens decoded since the
     previous piece (the stop token excluded); tokens that add no text come out on a final empty piece.
     """
-    cfg.check()
-    stats = stats if stats is not None else GenerationStats()
-    if not prompt_ids:
-        raise NomoatError("empty prompt")
-    max_new = _check_context(model, len(prompt_ids), cfg.max_new_tokens)
-    gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
-    cache = KVCache(model.config, 1, len(prompt_ids) + max_new)
-    detok = _Detokenizer(tok, cfg.stop)
-    seen = None
-    if cfg.repetition_penalty != 1.0:
-        seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool)
-        seen[0, prompt_ids] = True
-    stats.prompt_tokens = len(prompt_ids)
+    dec = Decoding(model.config, tok, prompt_ids, cfg, stats)
+    st = dec.stats
+    cache = KVCache(model.config, 1, len(prompt_ids) + dec.max_new)
     t0 = time.perf_counter()
-    logits = _prefill(model, torch.tensor([prompt_ids]), cache, None, None) if max_new else None
-    stats.prompt_seconds = time.perf_counter() - t0
+    logits = _prefill(model, torch.tensor([prompt_ids]), cache, None, None) if dec.max_new else None
+    st.prompt_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
-    stats.finish_reason = "length"
-    lps: list[TokenLogprob] | None = None if cfg.logprobs is None else []
-    for step in range(max_new):
-        raw = logits  # logprobs are read before penalties and sampling settings, as OpenAI reports them
-        if seen is not None:
-            logits = _apply_penalty(logits, seen, cfg.repetition_penalty)
-        nxt = sample_next(logits, cfg, gen)
-        token = int(nxt[0])
-        stats.generated_tokens += 1
-        if token in tok.stop_ids:
-            stats.finish_reason = "stop"
-            break
-        if lps is not None:
-            lps.append(token_logprob(raw[0], token, cfg.logprobs))
-        delta = detok.push(token)
-        if delta:
-            if lps is not None:
-                delta, lps = Piece(delta, lps), []
-            yield delta
-        if detok.stopped:
-            stats.finish_reason = "stop"
-            break
-        if step + 1 < max_new:
-            if seen is not None:
-                seen[0, token] = True
-            logits = model(nxt.view(1, 1), cache=cache)[:, -1]
-    stats.decode_seconds = time.perf_counter() - t1
-    rest = detok.flush()
-    if detok.stopped:
-        rest = ""
-    if lps:
-        yield Piece(rest, lps)
-    elif rest:
-        yield rest
+    while not dec.done:
+        yield from dec.push(logits)
+        if not dec.done:
+            logits = model(torch.tensor([[dec.token]]), cache=cache)[:, -1]
+    st.decode_seconds = time.perf_counter() - t1
+    yield from dec.finish()
 
 
 @torch.inference_mode()
@@ -223,7 +253,7 @@ def generate_batch(model: LlamaForCausalLM, tok: Tokenizer, prompts: list[list[i
     if not prompts or any(not p for p in prompts):
         raise NomoatError("empty prompt in batch")
     B, T = len(prompts), max(len(p) for p in prompts)
-    max_new = _check_context(model, T, cfg.max_new_tokens)
+    max_new = _check_context(model.config.max_position_embeddings, T, cfg.max_new_tokens)
     gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     ids = torch.full((B, T), tok.pad_id, dtype=torch.long)
     mask = torch.zeros(B, T + max_new, dtype=torch.bool)

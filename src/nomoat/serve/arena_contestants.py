@@ -33,7 +33,8 @@ class ServedContestants:
         """The adapters behind a model id: name -> weight and where it was loaded from."""
         return {a: {"weight": w, "source": self.sources.get(a)} for a, w in self.srv.registry.resolve(name).items()}
 
-    async def stream(self, name: str, messages: list[dict[str, str]], max_tokens: int) -> AsyncIterator[str]:
+    async def stream(self, name: str, messages: list[dict[str, str]], max_tokens: int,
+                     temperature: float | None = None) -> AsyncIterator[str]:
         from nomoat.serve.app import _Bridge
 
         srv = self.srv
@@ -46,8 +47,10 @@ class ServedContestants:
             raise ArenaFailure(400, f"the conversation ({len(ids)} tokens) fills the model's context; "
                                "start a new battle")
         bridge = _Bridge()
-        job = Job(ids, GenerationConfig(max_new_tokens=min(max_tokens, room)), srv.registry.resolve(name),
-                  bridge.emit)
+        cfg = GenerationConfig(max_new_tokens=min(max_tokens, room))
+        if temperature is not None:
+            cfg.temperature = temperature
+        job = Job(ids, cfg, srv.registry.resolve(name), bridge.emit)
         try:
             srv.engine.submit(job)
         except EngineBusy:

@@ -1,21 +1,22 @@
-"""The engine: one worker thread owns the model and interleaves the decoding of queued requests.
+"""The engine: one worker thread owns the model and decodes every running request together.
 
-Torch modules are not safe to share between concurrent forward passes with different adapters, so
-every forward pass runs on this one thread. Active requests take turns a token at a time (each keeps
-its own KV cache inside `nomoat.runtime.generate.stream`), and the adapters a request asked for are switched
-in with `set_active` right before its turn, so requests never see each other's adapters.
+Torch modules are not safe to share between concurrent forward passes, so every forward pass runs on
+this one thread. Requests join a continuous batch (`nomoat.runtime.batching.BatchDecoder`) as slots free
+up: each step advances every running request by one token in one forward pass, whatever its position
+and adapter stack, and prefills waiting prompts in chunks between those steps.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from nomoat.lora import set_active
-from nomoat.runtime.generate import GenerationConfig, GenerationStats, stream
+from nomoat.errors import NomoatError
+from nomoat.runtime.batching import BatchDecoder
+from nomoat.runtime.generate import GenerationConfig, GenerationStats
 from nomoat.runtime.loading import LoadedModel
 
 Emit = Callable[[str, Any], None]  # ("delta", text) | ("done", stats) | ("error", message)
@@ -47,8 +48,9 @@ class Engine:
         self.lm, self.max_active = lm, max_active
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._thread: threading.Thread | None = None
-        self._current: tuple[tuple[str, float], ...] | None = None
         self._stopping = threading.Event()
+        self.batch = BatchDecoder(lm.model, lm.tokenizer, max_active)
+        self._jobs: dict[int, Job] = {}
         self.active = 0
         self.completed = 0
         self.cancelled = 0
@@ -82,17 +84,11 @@ class Engine:
         except queue.Full:
             raise EngineBusy(f"too many queued requests ({self._queue.maxsize}); retry later") from None
 
-    def _switch(self, adapters: dict[str, float]) -> None:
-        key = tuple(adapters.items())
-        if key != self._current:
-            set_active(self.lm.model, adapters)
-            self._current = key
-
-    def _admit(self, running: list[tuple[Job, Iterator[str]]]) -> bool:
-        """Move queued jobs into the running set; blocks while idle. False once stopped."""
-        while len(running) < self.max_active:
+    def _admit(self) -> bool:
+        """Move queued jobs into free slots; blocks while idle. False once stopped."""
+        while self.batch.free > 0:
             try:
-                job = self._queue.get(block=not running)
+                job = self._queue.get(block=not len(self.batch))
             except queue.Empty:
                 return True
             if job is None or self._stopping.is_set():
@@ -102,10 +98,16 @@ class Engine:
             if job.cancelled.is_set():
                 self._finish(job, "cancelled")
                 continue
-            running.append((job, stream(self.lm.model, self.lm.tokenizer, job.ids, job.cfg, job.stats)))
+            try:
+                self.batch.add(id(job), job.ids, job.cfg, job.adapters, job.stats)
+            except NomoatError as e:
+                self._finish(job, "error", str(e))
+                continue
+            self._jobs[id(job)] = job
         return True
 
     def _finish(self, job: Job, how: str, payload: Any = None) -> None:
+        self._jobs.pop(id(job), None)
         if how == "done":
             self.completed += 1
             job.emit("done", job.stats)
@@ -116,17 +118,18 @@ class Engine:
             self.cancelled += 1
             job.emit("error", "generation cancelled")
 
+    def _drop_all(self, how: str, payload: Any = None) -> None:
+        for key, job in list(self._jobs.items()):
+            self.batch.cancel(key)
+            self._finish(job, how, payload)
+
     def _loop(self) -> None:
-        running: list[tuple[Job, Iterator[str]]] = []
         alive = True
-        while alive or running:
-            alive = alive and self._admit(running)
+        while alive:
+            alive = self._admit()
             if not alive:
                 # Stopping: cut what runs and drain the queue.
-                for job, gen in running:
-                    gen.close()  # type: ignore[attr-defined]
-                    self._finish(job, "cancelled")
-                running.clear()
+                self._drop_all("cancelled")
                 while True:
                     try:
                         job = self._queue.get_nowait()
@@ -135,26 +138,28 @@ class Engine:
                     if job is not None:
                         self._finish(job, "cancelled")
                 break
-            self.active = len(running)
-            # Jobs with the same adapters take their turns back to back: one switch per group per round.
-            running.sort(key=lambda it: tuple(it[0].adapters.items()))
-            for item in list(running):
-                job, gen = item
+            for key, job in list(self._jobs.items()):
                 if job.cancelled.is_set():
-                    gen.close()  # type: ignore[attr-defined]
-                    running.remove(item)
+                    self.batch.cancel(key)
+                    self._finish(job, "cancelled")
+            self.active = len(self.batch)
+            if not len(self.batch):
+                continue
+            try:
+                events = self.batch.step()
+            except Exception as e:  # a failed forward pass fails the requests in it, not the server
+                self._drop_all("error", f"generation failed: {e}")
+                continue
+            for ev in events:
+                job = self._jobs.get(ev.key)
+                if job is None:
+                    continue
+                if job.cancelled.is_set():  # nothing more reaches a request once it is cancelled
+                    self.batch.cancel(ev.key)
                     self._finish(job, "cancelled")
                     continue
-                try:
-                    self._switch(job.adapters)
-                    piece = next(gen)
-                except StopIteration:
-                    running.remove(item)
+                for piece in ev.pieces:
+                    job.emit("delta", piece)
+                if ev.finished:
                     self._finish(job, "done")
-                    continue
-                except Exception as e:  # one bad request must not stop the others
-                    running.remove(item)
-                    self._finish(job, "error", f"generation failed: {e}")
-                    continue
-                job.emit("delta", piece)
-            self.active = len(running)
+            self.active = len(self.batch)
