@@ -1,6 +1,7 @@
 """The architecture's one-way imports, checked on the source: a forbidden import fails here, not in review.
 
-formats -> model (+ lora, quant) -> runtime -> serve / cli; data -> train -> adapters; eval uses the runtime.
+formats -> model (+ lora, quant) -> runtime -> serve / cli; data -> train -> adapters -> catalog; eval uses the
+runtime.
 """
 
 from __future__ import annotations
@@ -14,16 +15,20 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "nomoat"
 
 # package (or module) -> nomoat packages it must not import
 FORBIDDEN = {
-    "model": ("formats", "runtime", "lora", "quant", "adapters", "data", "train", "eval", "serve", "cli", "api"),
-    "lora": ("formats", "runtime", "adapters", "train", "eval", "serve", "cli", "api"),
-    "quant": ("formats", "runtime", "lora", "adapters", "train", "eval", "serve", "cli", "api"),
-    "formats": ("runtime", "adapters", "train", "eval", "serve", "cli", "api"),
-    "data": ("runtime", "adapters", "train", "eval", "serve", "cli", "api"),
-    "eval": ("train", "serve", "cli"),
-    "runtime": ("train", "serve", "cli", "eval"),
-    "adapters": ("train", "serve", "eval", "cli", "runtime"),
+    "model": ("formats", "runtime", "lora", "quant", "adapters", "data", "train", "eval", "serve", "cli", "api",
+              "catalog"),
+    "lora": ("formats", "runtime", "adapters", "train", "eval", "serve", "cli", "api", "catalog"),
+    "quant": ("formats", "runtime", "lora", "adapters", "train", "eval", "serve", "cli", "api", "catalog"),
+    "formats": ("runtime", "adapters", "train", "eval", "serve", "cli", "api", "catalog"),
+    "data": ("runtime", "adapters", "train", "eval", "serve", "cli", "api", "catalog"),
+    "eval": ("train", "serve", "cli", "catalog"),
+    "runtime": ("train", "serve", "cli", "eval", "catalog"),
+    "adapters": ("train", "serve", "eval", "cli", "runtime", "catalog"),
     "serve": ("train", "cli"),
-    "train": ("serve", "cli"),
+    "train": ("serve", "cli", "catalog"),  # training commands register their output from the cli
+    # ... -> adapters -> catalog: the catalog reads models and adapters (through runtime, adapters, formats);
+    # it never trains, serves or measures. serve may import it (serve --catalog).
+    "catalog": ("train", "serve", "eval", "cli", "api"),
 }
 # Modules that hold no file I/O: they may not open files or import the file-format libraries.
 NO_IO = ("lora", "quant")

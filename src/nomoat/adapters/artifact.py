@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nomoat.digests import adapter_digest
 from nomoat.errors import NomoatError
 from nomoat.formats.gguf_adapter import read_gguf_adapter, write_gguf_adapter
 from nomoat.formats.peft import read_peft_dir, write_peft_dir
@@ -48,30 +49,48 @@ def base_fingerprint(lm) -> str:
     """Fingerprint of a loaded model's base weights (from its checkpoint; cached by path, size and mtime)."""
     if lm.fingerprint:
         return lm.fingerprint
-    src = Path(lm.source)
+    lm.fingerprint = checkpoint_fingerprint(lm.checkpoint, Path(lm.source), lm.config)
+    return lm.fingerprint
+
+
+def checkpoint_fingerprint(ckpt, source: Path, cfg: LlamaConfig | None = None, cache: bool = True) -> str:
+    """`base_fingerprint` of a checkpoint opened but not loaded (GGUF file or HF directory); same cache
+    (`cache=False` for a file about to move, such as one staged into the catalog)."""
+    src = Path(source)
     st = src.stat()
     key = f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    cache = _cache_file()
     table: dict[str, str] = {}
     try:
-        table = json.loads(cache.read_text())
+        table = json.loads(_cache_file().read_text()) if cache else {}
     except (OSError, json.JSONDecodeError):
         pass
     fp = table.get(key)
     if fp is None:
-        ckpt, cfg = lm.checkpoint, lm.config
+        cfg = cfg or ckpt.config()
         names = [n for n in ckpt.hf_names() if not (cfg.tie_word_embeddings and n == "lm_head.weight")]
         fp = fingerprint_tensors((n, ckpt.load_float(n, cfg)) for n in names)
+        if not cache:
+            return fp
         table[key] = fp
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
+            path = _cache_file()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(table))
-            os.replace(tmp, cache)
+            os.replace(tmp, path)
         except OSError:
             pass
-    lm.fingerprint = fp
     return fp
+
+
+def parent_record(path: str | Path, relation: str, weight: float | None = None) -> dict[str, Any]:
+    """How an adapter or a merged model names a parent in its provenance (`meta["parents"]`): the relation
+    (finetune-on, dpo-on, combine, merge), where it was read from, and its content digest, by which the
+    catalog links the two whatever the paths become."""
+    rec: dict[str, Any] = {"relation": relation, "path": str(Path(path).resolve()), "digest": adapter_digest(path)}
+    if weight is not None:
+        rec["weight"] = weight
+    return rec
 
 
 def adapter_name_for(path: str | Path) -> str:
@@ -110,8 +129,8 @@ class AdapterSpec:
             raise NomoatError(f"--adapter {text!r}: no path given")
         if not math.isfinite(weight):
             raise NomoatError(f"--adapter {text!r}: the weight must be a finite number")
-        if name and not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-            raise NomoatError(f"--adapter {text!r}: the name {name!r} may use only letters, digits, '-' and '_'")
+        if name and not re.fullmatch(r"[A-Za-z0-9_:-]+", name):
+            raise NomoatError(f"--adapter {text!r}: the name {name!r} may use only letters, digits, '-', '_' and ':'")
         p = Path(path)
         if not p.exists():
             raise NomoatError(f"{p}: no such adapter")
@@ -163,6 +182,7 @@ def combine_files(sources: Sequence[tuple[str | Path, float]], out: str | Path, 
         meta["base_fingerprint"] = next(iter(prints))
     meta["combined_from"] = [{"path": str(p), "weight": w, "base_fingerprint": m.get("base_fingerprint")}
                              for p, w, (_, _, _, m) in read]
+    meta["parents"] = [parent_record(p, "combine", w) for p, w, _ in read]
     meta["combine"] = {k: v for k, v in report.as_dict().items() if k != "modules"}
     write_adapter(out, combined_config(tensors, scales), tensors, scales, meta, model_cfg)
     return report

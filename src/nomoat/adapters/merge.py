@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from nomoat.adapters.artifact import base_fingerprint, load_adapter
+from nomoat.adapters.artifact import base_fingerprint, load_adapter, parent_record
 from nomoat.errors import NomoatError
 from nomoat.formats.export import check_type, export_model, stored_round_trip
 from nomoat.lora import lora_modules, merge_adapters
@@ -57,7 +57,8 @@ def merge_files(lm: Any, adapters: Sequence[tuple[str | Path, float]], out: str 
     check_type(Path(out), ftype)
     merge_to_model(lm, adapters, force=force)
     meta: dict[str, Any] = {"base_name": lm.name,
-                            "merged_adapters": [{"path": str(p), "weight": w} for p, w in adapters]}
+                            "merged_adapters": [{"path": str(p), "weight": w} for p, w in adapters],
+                            "parents": [parent_record(p, "merge", w) for p, w in adapters]}
     try:
         meta["base_fingerprint"] = base_fingerprint(lm)
     except (OSError, AttributeError, NomoatError):

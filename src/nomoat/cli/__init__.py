@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from nomoat import __version__  # importing nomoat bounds OpenMP's idle spinning before torch loads
-from nomoat.cli import adapter, demo, dpo, eval, judge, ratings, run, serve, train
+from nomoat.cli import adapter, catalog, demo, dpo, eval, judge, ratings, run, serve, train
 from nomoat.cli.common import err
 from nomoat.errors import NomoatError
 
@@ -37,7 +37,7 @@ def main_callback(
     pass
 
 
-for _group in (run, train, dpo, eval, judge, ratings, adapter, serve, demo):
+for _group in (run, train, dpo, eval, judge, ratings, adapter, catalog, serve, demo):
     _group.register(app)
 
 

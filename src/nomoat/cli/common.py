@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -11,15 +12,55 @@ from rich.markup import escape
 out = Console()
 err = Console(stderr=True)
 
-ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="GGUF file or Hugging Face model "
-                                                 "directory (default: the embedded SmolLM2-135M-Instruct).")]
+
+
+# ---- names wherever a path works: every --model / --adapter value passes through these (nomoat.catalog.resolve)
+def model_ref(value: str | None) -> str | None:
+    """A --model value as a path: an existing path as given, `default`, or a catalog model's verified files."""
+    if value is None:
+        return None
+    from nomoat.catalog import resolve_model
+
+    return resolve_model(value)
+
+
+def adapter_refs(values: list[str] | None) -> list[str] | None:
+    """--adapter values (`[NAME=]PATH_OR_NAME[:WEIGHT]`) with catalog names replaced by verified paths."""
+    if not values:
+        return values
+    from nomoat.catalog import resolve_adapter
+
+    return [resolve_adapter(v) for v in values]
+
+
+def named_adapter_refs(values: list[str] | None) -> list[str] | None:
+    """As `adapter_refs`, for commands that serve adapters by name: `dates:v1` is served as `dates:v1`."""
+    if not values:
+        return values
+    from nomoat.catalog import resolve_adapter
+
+    return [resolve_adapter(v, named=True) for v in values]
+
+
+def adapter_ref_path(value: Path | None) -> Path | None:
+    """One adapter argument (PATH or NAME[:TAG]) as a path."""
+    if value is None:
+        return None
+    from nomoat.catalog import resolve_adapter
+
+    return Path(resolve_adapter(str(value)))
+
+
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", callback=model_ref, help="GGUF file, Hugging Face "
+                                              "model directory, or catalog name (default: the embedded "
+                                              "SmolLM2-135M-Instruct, also named `default`).")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads (default: the cores not "
                                                 "busy with other work).")]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="Float weights' dtype: float32 or bfloat16 "
                                               "(default: chosen for this CPU; `nomoat info` says which).")]
 AdapterOpt = Annotated[list[str] | None, typer.Option(
-    "--adapter", "-a", help="LoRA adapter (PEFT directory or GGUF adapter), optionally PATH:WEIGHT; repeat to "
-    "stack several.")]
+    "--adapter", "-a", callback=adapter_refs, help="LoRA adapter (PEFT directory, GGUF adapter or catalog "
+    "NAME[:TAG]), optionally with :WEIGHT; repeat to stack several.")]
 QuantOpt = Annotated[str, typer.Option("--quant", "-q", help="Weights: auto (keep a quantized file in 4/8 bits "
                                        "on int4/int8 kernels), q4, q8, or none (float).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Apply adapters even if trained on a different base.")]

@@ -73,3 +73,24 @@ def stored_round_trip(w: torch.Tensor, gguf_name: str, ftype: str) -> torch.Tens
         return w.half().float()
     q = gguf.quants.quantize(w.numpy(), qtype)
     return torch.from_numpy(gguf.quants.dequantize(q, qtype).reshape(w.shape).astype("float32"))
+
+
+def recorded_meta(ckpt: Any) -> dict[str, Any]:
+    """The provenance `export_model` wrote into a model file (`nomoat.meta` in a GGUF, the safetensors
+    header's `nomoat` key in an HF directory), or {} when there is none."""
+    from safetensors import safe_open
+
+    if isinstance(ckpt, GGUFModelFile):
+        raw = ckpt.get("nomoat.meta")
+    else:
+        first = next(iter(sorted(set(ckpt.files.values()))), None)
+        try:
+            with safe_open(str(first), framework="pt") as f:
+                raw = (f.metadata() or {}).get("nomoat")
+        except Exception:  # unreadable headers are the loader's to report; provenance is optional
+            raw = None
+    try:
+        meta = json.loads(raw) if isinstance(raw, str) else {}
+    except json.JSONDecodeError:
+        return {}
+    return meta if isinstance(meta, dict) else {}

@@ -155,14 +155,7 @@ def read_gguf_adapter(path: str | Path, model_cfg: LlamaConfig
     import gguf
 
     path = Path(path)
-    check_header(path)
-    try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as e:  # the reader raises bare ValueErrors/IndexErrors on bad files
-        raise NomoatError(f"{path}: corrupt or truncated GGUF ({e})") from None
-    gtype = _contents(reader, "general.type", path)
-    if gtype != "adapter":
-        raise NomoatError(f"{path}: not a LoRA adapter (general.type = {gtype!r}); a model GGUF goes to --model")
+    reader = _open_adapter(path)
     atype = _contents(reader, "adapter.type", path)
     if atype != "lora":
         raise NomoatError(f"{path}: adapter.type {atype!r} is not supported (only lora)")
@@ -230,6 +223,31 @@ def read_gguf_adapter(path: str | Path, model_cfg: LlamaConfig
     if cfg is None:
         cfg = lora_config_for(ranks, file_scales)
     scales = {m: cfg.scale_for(m) for m in ranks}
+    return cfg, tensors, scales, _nomoat_meta(reader, path)
+
+
+def _open_adapter(path: Path) -> Any:
+    import gguf
+
+    check_header(path)
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except Exception as e:  # the reader raises bare ValueErrors/IndexErrors on bad files
+        raise NomoatError(f"{path}: corrupt or truncated GGUF ({e})") from None
+    gtype = _contents(reader, "general.type", path)
+    if gtype != "adapter":
+        raise NomoatError(f"{path}: not a LoRA adapter (general.type = {gtype!r}); a model GGUF goes to --model")
+    return reader
+
+
+def gguf_adapter_meta(path: str | Path) -> dict[str, Any]:
+    """nomoat's metadata of a GGUF adapter (base fingerprint, provenance), from its header alone: what a
+    catalog needs to find the base before the tensors can be mapped."""
+    path = Path(path)
+    return _nomoat_meta(_open_adapter(path), path)
+
+
+def _nomoat_meta(reader: Any, path: Path) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     raw_meta = _contents(reader, "nomoat.meta", path)
     if isinstance(raw_meta, str):
@@ -245,4 +263,4 @@ def read_gguf_adapter(path: str | Path, model_cfg: LlamaConfig
     base = _contents(reader, "general.base_model.0.name", path)
     if isinstance(base, str):
         meta.setdefault("base_model_name_or_path", base)
-    return cfg, tensors, scales, meta
+    return meta

@@ -349,10 +349,10 @@ class Tokenizer:
         if not self.chat_template:
             raise NomoatError("this model has no chat template; use --raw")
         tok = self.token
-        return render_template(
-            self.chat_template, messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=tok(self.bos_id) if self.bos_id is not None else "",
-            eos_token=tok(self.eos_id) if self.eos_id is not None else "", **kwargs)
+        specials = {"bos_token": tok(self.bos_id) if self.bos_id is not None else "",
+                    "eos_token": tok(self.eos_id) if self.eos_id is not None else ""}
+        return render_template(self.chat_template, messages=messages, add_generation_prompt=add_generation_prompt,
+                               **{**specials, **kwargs})
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
