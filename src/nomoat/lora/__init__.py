@@ -9,6 +9,7 @@ from nomoat.lora.inject import (
     adapter_names,
     adapter_state_dict,
     add_adapter,
+    check_loaded,
     load_adapter_weights,
     lora_modules,
     lora_parameters,
@@ -23,7 +24,6 @@ from nomoat.lora.inject import (
 from nomoat.lora.layer import ALL_LINEAR, TARGET_ALIASES, LoraConfig, LoRALinear, resolve_targets
 
 __all__ = ["ALL_LINEAR", "TARGET_ALIASES", "LoRALinear", "LoraConfig", "active_weights", "adapter_names",
-           "adapter_state_dict", "add_adapter", "load_adapter_weights", "lora_modules", "lora_parameters",
-           "mark_trainable", "merge_adapters", "remove_adapter", "resolve_targets", "set_active", "set_row_adapters",
-           "strip_lora",
-           "unmerge_adapters"]
+           "adapter_state_dict", "add_adapter", "check_loaded", "load_adapter_weights", "lora_modules",
+           "lora_parameters", "mark_trainable", "merge_adapters", "remove_adapter", "resolve_targets", "set_active",
+           "set_row_adapters", "strip_lora", "unmerge_adapters"]

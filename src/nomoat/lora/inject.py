@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from nomoat.errors import NomoatError
-from nomoat.lora.layer import LoraConfig, LoRALinear
+from nomoat.lora.layer import LoraConfig, LoRALinear, RowPlan
 from nomoat.lora.tensors import check_lora_pair, lora_modules_of
 from nomoat.model.llama import FusableBlock
 
@@ -41,8 +41,17 @@ def _wrap(model: nn.Module, mod_name: str) -> LoRALinear:
     if isinstance(parent, FusableBlock):
         parent.set_fused(None)  # the fused alias would bypass the adapter
     wrapper = LoRALinear(mod)
+    wrapper.plan = _row_plan(model)
     setattr(parent, leaf, wrapper)
     return wrapper
+
+
+def _row_plan(model: nn.Module) -> RowPlan:
+    plan = model.__dict__.get("_row_plan")
+    if plan is None:
+        plan = RowPlan()
+        model.__dict__["_row_plan"] = plan  # a plain attribute: not a submodule, not in the state dict
+    return plan
 
 
 def add_adapter(model: nn.Module, cfg: LoraConfig, name: str = "default", init: bool = True) -> list[str]:
@@ -84,25 +93,32 @@ def set_active(model: nn.Module, weights: dict[str, float]) -> None:
             mod.weights[n] = float(weights[n])
 
 
-def set_row_adapters(model: nn.Module, per_row: Sequence[dict[str, float]] | None) -> None:
+def check_loaded(model: nn.Module, names: Iterable[str]) -> None:
+    known = adapter_names(model)
+    for n in names:
+        if n not in known:
+            raise NomoatError(f"adapter {n!r} is not loaded (loaded: {', '.join(known) or 'none'})")
+
+
+def set_row_adapters(model: nn.Module, per_row: Sequence[dict[str, float]] | None, check: bool = True) -> None:
     """Give each row of the next batch its own adapter stack (name -> weight; {} for the bare base), or
-    None to go back to the model-wide active adapters. Rows that share an adapter are computed together."""
+    None to go back to the model-wide active adapters. Rows that share an adapter are computed together.
+    Constant time in the model's size (one plan shared by its LoRA layers): an engine calls it every step,
+    with `check=False` for stacks it checked when the request came in."""
     groups: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     if per_row is not None:
-        known = set(adapter_names(model))
         rows: dict[str, tuple[list[int], list[float]]] = {}
         for i, stack in enumerate(per_row):
             for n, w in stack.items():
-                if n not in known:
-                    raise NomoatError(f"adapter {n!r} is not loaded (loaded: {', '.join(sorted(known)) or 'none'})")
                 rows.setdefault(n, ([], []))
                 rows[n][0].append(i)
                 rows[n][1].append(float(w))
+        if check:
+            check_loaded(model, rows)
         groups = {n: (torch.tensor(idx), torch.tensor(ws).view(-1, 1, 1)) for n, (idx, ws) in rows.items()}
-    for _, mod in lora_modules(model):
-        if groups and any(n in mod.merged for n in groups):
-            raise NomoatError("an adapter is merged into the base; unmerge it to run it on some rows only")
-        mod.rows = groups
+    plan = model.__dict__.get("_row_plan")
+    if plan is not None:
+        plan.groups = groups
 
 
 def active_weights(model: nn.Module) -> dict[str, float]:

@@ -101,6 +101,13 @@ class LoraConfig:
         return asdict(self)
 
 
+class RowPlan:
+    """Which rows of the next batch run which adapters, shared by every LoRALinear of one model so the
+    engine sets it once per step: adapter -> (row indices, per-row weights [n, 1, 1]); None: use `active`."""
+
+    groups: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
 class LoRALinear(nn.Module):
     """A frozen base projection plus any number of named low-rank updates."""
 
@@ -116,9 +123,7 @@ class LoRALinear(nn.Module):
         self.dropouts: dict[str, float] = {}
         self.active: list[str] = []
         self.merged: dict[str, float] = {}  # adapter -> effective scale folded into base.weight
-        # Per-row adapters for a batch whose rows run different stacks (`inject.set_row_adapters`): adapter ->
-        # (row indices, per-row weights [n, 1, 1]). When set, it replaces `active`.
-        self.rows: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.plan: RowPlan | None = None  # per-row adapters (`inject.set_row_adapters`); when set, replace `active`
 
     def add(self, name: str, r: int, scale: float, dropout: float = 0.0, init: bool = True,
             dtype: torch.dtype = torch.float32) -> None:
@@ -170,13 +175,15 @@ class LoRALinear(nn.Module):
         with torch.no_grad():
             w -= ((B @ A) * self.merged.pop(name)).to(w.dtype)
 
-    def _forward_rows(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _forward_rows(self, x: torch.Tensor, y: torch.Tensor,
+                      groups: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Each adapter's low-rank product over just the rows that use it (gathered, then added back), so rows
         with different stacks share one pass through the base weights."""
-        assert self.rows is not None
-        for name, (idx, w) in self.rows.items():
+        for name, (idx, w) in groups.items():
             if name not in self.lora_A:
                 continue  # this adapter does not target this layer
+            if name in self.merged:
+                raise NomoatError(f"adapter {name!r} is merged into the base; unmerge it to run it on some rows")
             A, B = self.lora_A[name], self.lora_B[name]
             whole = idx.numel() == x.shape[0]
             h = x if whole else x.index_select(0, idx)
@@ -188,8 +195,9 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.rows is not None:
-            return self._forward_rows(x, y)
+        groups = self.plan.groups if self.plan is not None else None
+        if groups is not None:
+            return self._forward_rows(x, y, groups)
         for name in self.active:
             if name in self.merged:
                 continue

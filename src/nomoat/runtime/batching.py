@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from nomoat.formats.tokenizer import Tokenizer
-from nomoat.lora import adapter_names, set_row_adapters
+from nomoat.lora import check_loaded, set_row_adapters
 from nomoat.model import KVCache, LlamaForCausalLM, SlotCache
 from nomoat.runtime.generate import Decoding, GenerationConfig, GenerationStats
 
@@ -69,6 +69,8 @@ class BatchDecoder:
         """Queue a sequence for prefilling. Raises NomoatError for bad settings or a prompt past the context."""
         if self.free <= 0:
             raise RuntimeError("no free slot")
+        if adapters:
+            check_loaded(self.model, adapters)
         seq = _Seq(key, Decoding(self.model.config, self.tok, prompt_ids, cfg, stats), dict(adapters))
         seq.started = time.perf_counter()
         self.prefilling.append(seq)
@@ -97,9 +99,7 @@ class BatchDecoder:
             self.cache.shrink()
 
     def _adapters(self, stacks: list[dict[str, float]]) -> None:
-        # Nothing to route when no adapter is loaded, or none of the rows uses one.
-        if any(stacks) or adapter_names(self.model):
-            set_row_adapters(self.model, stacks)
+        set_row_adapters(self.model, stacks, check=False)  # checked in `add`
 
     def _finish(self, seq: _Seq, ev: Event) -> None:
         ev.pieces += seq.dec.finish()
