@@ -52,7 +52,7 @@ ON = "on"  # the adapter the policy and the reference share (--on)
 # Size-dependent defaults (see DPOConfig.resolved), as for SFT: a LoRA run needs some tens of optimizer steps.
 MIN_STEPS = 40
 MAX_AUTO_EPOCHS = 3
-DEFAULT_LR = 5e-5
+DEFAULT_LR = 1e-4  # LoRA on a small model: 5e-4 (the SFT default) overshoots, driving rejected far down
 DEFAULT_BETA = {"sigmoid": 0.1, "robust": 0.1, "hinge": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0}
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
