@@ -278,7 +278,7 @@ def test_client_disconnect_cancels(long_files) -> None:
         data = json.dumps(body | {"stream": False}).encode()
         host, port = live.url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port))) as sock:
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                          + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
             _wait_health(live, lambda h: h["active"] == 1)
         _wait_health(live, lambda h: not h["active"] and h["cancelled"] == before["cancelled"] + 2)
@@ -320,7 +320,7 @@ BAD = [
     ("prompt over context", {"model": "tiny", "messages": _msgs(CTX)}, 400, "messages"),
     ("prompt + max_tokens over context", {"model": "tiny", "messages": _msgs(50), "max_tokens": LIMIT}, 400,
      "max_tokens"),
-    ("body too large", {"model": "tiny", "messages": _msgs(8000)}, 400, "request_too_large"),
+    ("body too large", {"model": "tiny", "messages": _msgs(8000)}, 413, "request_too_large"),
     ("too many stops", {"model": "tiny", "messages": _msgs(1), "stop": list("abcde")}, 400, "stop"),
 ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -37,6 +38,17 @@ def _gen_config(max_new_tokens, temperature, top_k, top_p, repeat_penalty, seed,
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            repetition_penalty=repeat_penalty, seed=seed, stop=tuple(stop or ()))
     cfg.check()
+    # Values that pass the check above but overflow the logits or the seed when sampling.
+    lo, hi = defaults.PENALTY_RANGE
+    if not (temperature == 0 or defaults.MIN_TEMPERATURE <= temperature < math.inf):
+        raise NomoatError(f"--temperature {temperature:g}: temperature must be 0 (greedy) or a finite number of "
+                          f"at least {defaults.MIN_TEMPERATURE:g}")
+    if not lo <= repeat_penalty <= hi:
+        raise NomoatError(f"--repeat-penalty {repeat_penalty:g}: repetition_penalty must be in [{lo:g}, {hi:g}]")
+    if seed is not None and not defaults.SEED_RANGE[0] <= seed <= defaults.SEED_RANGE[1]:
+        raise NomoatError(f"--seed {seed}: the seed must fit in 64 bits")
+    if top_k > defaults.MAX_TOP_K:
+        raise NomoatError(f"--top-k {top_k}: top_k must be at most {defaults.MAX_TOP_K}")
     return cfg
 
 

@@ -19,7 +19,8 @@ def serve(
                                       "machine.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="NOMOAT_API_KEY", help="Require "
-                                                "'Authorization: Bearer KEY' on every /v1 route.")] = None,
+                                                "'Authorization: Bearer KEY' on every /v1 route (without it, "
+                                                "/health answers only that the server is up).")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Model id of the base model (default: smollm2 for "
                                              "the embedded model, else the file name).")] = None,
     max_tokens_limit: Annotated[int, typer.Option("--max-tokens-limit", help="Largest max_tokens a request "
@@ -30,6 +31,11 @@ def serve(
                                              "(0: the model's context).")] = 0,
     max_active: Annotated[int, typer.Option("--max-active", help="Requests decoded together (the rest "
                                             "queue).")] = 8,
+    allow_origin: Annotated[list[str] | None, typer.Option(
+        "--allow-origin", help="A web origin (https://app.example.com, http://NAME:PORT) whose pages may call the "
+        "server, and whose host name requests may use; repeat for more, or * for any. The server's own pages "
+        "and localhost pages are always allowed; other Host names and Origins are refused (DNS rebinding, "
+        "cross-site requests).")] = None,
     arena: Annotated[str | None, typer.Option("--arena", help="SQLite file for a blind A/B arena at /arena "
                                               "(votes kept there; leaderboard at /leaderboard). Needs at least "
                                               "one --adapter.")] = None,
@@ -58,7 +64,8 @@ def serve(
     from nomoat.serve.app import ServerSettings, base_name_for, check_listen, create_app, make_server
 
     settings = ServerSettings(api_key=api_key or None, max_tokens_limit=max_tokens_limit,
-                              max_request_bytes=max_request_bytes, max_context=max_context, max_active=max_active)
+                              max_request_bytes=max_request_bytes, max_context=max_context, max_active=max_active,
+                              host=host, allow_origins=tuple(allow_origin or ()))
     settings.check()
     specs = [AdapterSpec.parse(a, named=True) for a in adapter or ()]
     names = [sp.name for sp in specs]

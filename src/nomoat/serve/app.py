@@ -24,6 +24,7 @@ from typing import Any
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -34,6 +35,7 @@ from nomoat.runtime.generate import GenerationConfig, GenerationStats
 from nomoat.runtime.loading import LoadedModel
 from nomoat.runtime.logprobs import TokenText
 from nomoat.serve.engine import Engine, EngineBusy, Job
+from nomoat.serve.guard import LOCAL_ORIGIN, Guard, GuardMiddleware, normalize_origin
 from nomoat.serve.logprobs import CompletionLogprobs, chat_logprobs
 from nomoat.serve.schemas import ApiError, ChatCompletionRequest, CompletionRequest, _Sampling, error_body
 
@@ -49,6 +51,8 @@ class ServerSettings:
     max_active: int = 8
     max_queue: int = 64
     max_stop: int = 4
+    host: str = "127.0.0.1"  # the bound address: a name here is an allowed Host
+    allow_origins: tuple[str, ...] = ()  # web origins allowed besides the server's own and localhost pages
 
     def check(self) -> None:
         """Refuse settings out of range, naming the command-line option."""
@@ -57,6 +61,8 @@ class ServerSettings:
                                 ("--max-context", self.max_context, 0), ("--max-active", self.max_active, 1)):
             if value < low:
                 raise NomoatError(f"{opt} {value} is out of range (at least {low})")
+        for origin in self.allow_origins:
+            normalize_origin(origin)
 
 
 def check_listen(host: str, port: int) -> None:
@@ -128,7 +134,7 @@ def _validation_error(e: ValidationError) -> ApiError:
 
 async def _read(request: Request, model: type[_Sampling], limit: int) -> Any:
     size = request.headers.get("content-length", "")
-    too_big = ApiError(400, f"request body exceeds {limit} bytes", code="request_too_large")
+    too_big = ApiError(413, f"request body exceeds {limit} bytes", code="request_too_large")
     if size.isdigit() and int(size) > limit:
         raise too_big
     body = bytearray()
@@ -362,6 +368,11 @@ def create_app(lm: LoadedModel, base_name: str, adapters: dict[str, float] | Non
 
     app = FastAPI(title="nomoat", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = srv
+    guard = Guard.for_server(settings.host, settings.allow_origins, settings.max_request_bytes)
+    # CORS headers for the cross-origin pages the guard lets through (localhost pages, --allow-origin).
+    app.add_middleware(CORSMiddleware, allow_origins=sorted(guard.origins), allow_origin_regex=LOCAL_ORIGIN,
+                       allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type", "x-arena-voter"])
+    app.add_middleware(GuardMiddleware, guard=guard)  # added last: runs first
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -376,12 +387,15 @@ def create_app(lm: LoadedModel, base_name: str, adapters: dict[str, float] | Non
     async def _request_error(request: Request, e: RequestValidationError) -> JSONResponse:
         return JSONResponse(error_body(f"invalid request: {e.errors()[0].get('msg')}"), status_code=400)
 
-    def auth(request: Request) -> None:
+    def has_key(request: Request) -> bool:
         key = settings.api_key
         if not key:
-            return
+            return True
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+    def auth(request: Request) -> None:
+        if not has_key(request):
             raise ApiError(401, "invalid or missing API key: send the header 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
@@ -422,7 +436,9 @@ def create_app(lm: LoadedModel, base_name: str, adapters: dict[str, float] | Non
         app.include_router(router)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health(request: Request) -> dict[str, Any]:
+        if not has_key(request):  # liveness only: adapter names and counters are for key holders
+            return {"status": "ok"}
         e = srv.engine
         return {"status": "ok", "model": srv.registry.base, "adapters": list(srv.registry.adapters),
                 "active": e.active, "queued": e.queued, "completed": e.completed, "cancelled": e.cancelled,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from nomoat.defaults import MAX_TEMPERATURE, MAX_TOP_K, MIN_TEMPERATURE, PENALTY_RANGE, SEED_RANGE
 
 
 class ApiError(Exception):
@@ -51,13 +53,14 @@ class StreamOptions(_Strict):
 
 class _Sampling(_Strict):
     model: str
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)  # extension, as in vLLM and llama.cpp
-    repetition_penalty: float | None = Field(None, gt=0)  # extension
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=0, le=MAX_TOP_K)  # extension, as in vLLM and llama.cpp
+    repetition_penalty: float | None = Field(None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1],
+                                             allow_inf_nan=False)  # extension
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     n: int | None = 1
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -65,6 +68,13 @@ class _Sampling(_Strict):
     frequency_penalty: float | None = None
     logprobs: Any = None
     user: str | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float | None) -> float | None:
+        if v is not None and 0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
+        return v
 
 
 class ChatCompletionRequest(_Sampling):
