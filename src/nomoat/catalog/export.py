@@ -95,9 +95,10 @@ def export_adapter(ref: str, out: str | Path, gguf_type: str | None = None, lice
             convert_adapter(src, "gguf", stage / gguf_name, model_cfg, dtype=gguf_type or "f32")
             written.append(gguf_name)
         info = art.info
-        base_info = base.artifact.info if base and base.artifact else {}
-        hub = base_info.get("hub_id")
-        lic = license or base_info.get("license")
+        # Models with the same weights say the same thing: take the hub id and license any of them records.
+        same = [b.artifact.info for b in (bases(cat, art.fingerprint) if art.fingerprint else []) if b.artifact]
+        hub = next((i["hub_id"] for i in same if i.get("hub_id")), None)
+        lic = license or next((i["license"] for i in same if i.get("license")), None)
         if base is not None and base.artifact is None:  # the embedded default model
             from nomoat.runtime.loading import DEFAULT_MODEL_REPO
 

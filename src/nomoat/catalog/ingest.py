@@ -200,14 +200,15 @@ def _default_name(src: Path) -> str:
 
 # ---- adapters ----
 def _parents(meta: dict[str, Any]) -> list[dict[str, Any]]:
-    """Parents as recorded by the tool that made the file (`parents`), or from older records that named
-    them only by path (`combined_from`, `merged_adapters`: their digest is taken when the path still exists)."""
+    """Parents as recorded by the tool that made the file (`parents`), or from records that name them only by
+    path (`combined_from`, `merged_adapters`, `stack_on`: their digest is taken when the path still exists)."""
     recs = meta.get("parents")
     if isinstance(recs, list):
         return [p for p in recs if isinstance(p, dict)]
     out = []
-    for key, relation in (("combined_from", "combine"), ("merged_adapters", "merge")):
-        for p in meta.get(key) or []:
+    stacked = meta.get("stack_on")  # a tool that names only the adapter it trained on top of
+    for key, relation in (("combined_from", "combine"), ("merged_adapters", "merge"), ("stack_on", "stacked-on")):
+        for p in ([stacked] if key == "stack_on" and isinstance(stacked, dict) else meta.get(key) or []):
             if isinstance(p, dict) and isinstance(p.get("path"), str):
                 digest = None
                 try:

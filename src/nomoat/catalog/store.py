@@ -219,23 +219,38 @@ class Catalog:
         db.row_factory = sqlite3.Row
         db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         db.execute("PRAGMA foreign_keys = ON")
+        self._check_version(db)
         return db
 
     def _create(self) -> None:
+        """Make the home and the index. The index is built under a private name and linked into place, so a
+        concurrent reader never sees a database without its tables, and of two creators one simply wins."""
         for d in ("objects", "entries", "tmp"):
             (self.home / d).mkdir(parents=True, exist_ok=True)
-        db = self._connect()
+        if self.exists:
+            return
+        tmp = self.home / "tmp" / f"catalog.{uuid.uuid4().hex}.sqlite"
         try:
-            db.execute("PRAGMA journal_mode = WAL")  # readers never wait for a writer
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise NomoatError(f"{self.db_path}: made by a newer nomoat (schema {version}); upgrade nomoat")
-            db.executescript(_SCHEMA)  # IF NOT EXISTS throughout: two processes creating it at once is fine
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                db.execute("PRAGMA journal_mode = WAL")  # readers never wait for a writer
+                db.executescript(_SCHEMA)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            finally:
+                db.close()  # the last connection folds the WAL back: one self-contained file
+            try:
+                os.link(tmp, self.db_path)
+            except FileExistsError:
+                pass  # another process made it first: theirs is as good
         except sqlite3.DatabaseError as e:
             raise NomoatError(f"{self.db_path}: cannot create the catalog's index ({e})") from None
         finally:
-            db.close()
+            tmp.unlink(missing_ok=True)
+
+    def _check_version(self, db: sqlite3.Connection) -> None:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise NomoatError(f"{self.db_path}: made by a newer nomoat (schema {version}); upgrade nomoat")
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[sqlite3.Connection | None]:

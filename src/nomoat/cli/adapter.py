@@ -7,9 +7,10 @@ from typing import Annotated
 
 import typer
 
-from nomoat.cli.common import ForceOpt, ModelOpt, ThreadsOpt, err, print_rows, status
+from nomoat.cli.common import ForceOpt, ModelOpt, ThreadsOpt, adapter_ref_path, adapter_refs, err, print_rows, status
 
-adapter_app = typer.Typer(help="Inspect, convert, combine and merge adapters.", no_args_is_help=True)
+adapter_app = typer.Typer(help="Inspect, convert, combine and merge adapter files (paths or catalog names; the "
+                          "catalog itself is `nomoat adapters`).", no_args_is_help=True)
 
 
 def _model_cfg(model: str | None, needed: bool):
@@ -26,7 +27,8 @@ def _specs(items: list[str]) -> list[tuple[Path, float]]:
 
 
 @adapter_app.command("info")
-def adapter_info(path: Annotated[Path, typer.Argument(help="Adapter: PEFT directory or llama.cpp GGUF adapter.")],
+def adapter_info(path: Annotated[Path, typer.Argument(callback=adapter_ref_path, help="Adapter: PEFT directory, "
+                                                       "llama.cpp GGUF adapter or catalog name.")],
                  model: ModelOpt = None) -> None:
     """Method, rank, alpha, targets, parameter count, size, ratio to the base, base fingerprint, provenance."""
     from nomoat.api import describe_adapter
@@ -36,7 +38,8 @@ def adapter_info(path: Annotated[Path, typer.Argument(help="Adapter: PEFT direct
 
 @adapter_app.command("combine")
 def adapter_combine(
-    sources: Annotated[list[str], typer.Argument(help="Adapters (PEFT directory or .gguf), each PATH[:WEIGHT].")],
+    sources: Annotated[list[str], typer.Argument(callback=adapter_refs, help="Adapters (PEFT directory, .gguf or "
+                                                 "catalog name), each with an optional :WEIGHT.")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Output PEFT directory (or .gguf file).")],
     how: Annotated[str, typer.Option("--how", help="concat (exact, rank r1+r2), linear or ties (SVD to "
                                      "--rank, error reported).")] = "concat",
@@ -65,8 +68,8 @@ def adapter_combine(
 
 @adapter_app.command("merge")
 def adapter_merge(
-    adapter: Annotated[list[str], typer.Option("--adapter", "-a", help="Adapter PATH[:WEIGHT]; repeat to "
-                                               "merge several.")],
+    adapter: Annotated[list[str], typer.Option("--adapter", "-a", callback=adapter_refs, help="Adapter (path or "
+                                               "catalog name), optionally :WEIGHT; repeat to merge several.")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Hugging Face directory, or a .gguf file.")],
     gguf_type: Annotated[str, typer.Option("--type", help="f32, f16, bf16 (directory); f32, f16, q8_0, q4_0, "
                                            "q4_1 (GGUF).")] = "f16",
@@ -92,7 +95,8 @@ def adapter_merge(
 
 @adapter_app.command("convert")
 def adapter_convert(
-    src: Annotated[Path, typer.Argument(help="Adapter: PEFT directory or .gguf file.")],
+    src: Annotated[Path, typer.Argument(callback=adapter_ref_path, help="Adapter: PEFT directory, .gguf file or "
+                                        "catalog name.")],
     to: Annotated[str, typer.Option("--to", help="gguf (llama.cpp LoRA adapter) or peft.")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Output .gguf file or PEFT directory.")],
     gguf_type: Annotated[str, typer.Option("--type", help="GGUF tensor type: f32, f16 or q8_0.")] = "f32",

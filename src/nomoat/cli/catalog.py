@@ -251,6 +251,83 @@ def register_output(out_dir: str | Path, name: str | None) -> None:
               highlight=False)
 
 
+# ---- --record: results attached to what was measured ----
+def record_targets(adapters: list[str] | None) -> list[Path]:
+    """The adapter paths of an --adapter list (`[NAME=]PATH[:WEIGHT]`, names already resolved), each checked
+    to be in the catalog before a long run starts."""
+    from nomoat.adapters import AdapterSpec
+    from nomoat.catalog import Catalog
+    from nomoat.catalog.records import adapter_artifacts
+
+    paths = [AdapterSpec.parse(a, named=True).path for a in adapters or ()]
+    adapter_artifacts(paths, Catalog())
+    return paths
+
+
+def record_scores(kind: str, metric: str, model: str | Path, adapters: list[Path], base: float | None,
+                  adapted: float | None, data: Path | None = None, detail: dict[str, Any] | None = None) -> None:
+    """Attach a run's scores: `adapted` to the adapters (a stack is marked as such), `base` to the model."""
+    from nomoat.catalog import Catalog
+    from nomoat.catalog.records import record_result
+    from nomoat.digests import sha256_file
+
+    cat = Catalog()
+    info = dict(detail or {})
+    if data is not None and Path(data).is_file():
+        info.update(data=str(Path(data).resolve()), data_sha256=sha256_file(data))
+    lines: list[str] = []
+    if adapted is not None and adapters:
+        lines += record_result(kind, metric, adapted, model, adapters, {**info, "base_score": base}, cat)
+    if base is not None:
+        lines += record_result(kind, metric, base, model, [], info, cat)
+    for line in lines:
+        err.print(escape(line), soft_wrap=True, highlight=False)
+
+
+def judged_targets(answer_files: list[Path]) -> dict[str, tuple[str | None, list[Path]]]:
+    """model_id -> (model path, adapter paths) from each answer file's provenance (`nomoat answer` writes it),
+    every adapter checked to be in the catalog before judging starts."""
+    from nomoat.catalog import Catalog
+    from nomoat.catalog.records import adapter_artifacts
+    from nomoat.errors import NomoatError
+    from nomoat.eval.answers import load_answers
+
+    out: dict[str, tuple[str | None, list[Path]]] = {}
+    for f in answer_files:
+        a = load_answers(f)
+        rec = next(iter(a.answers.values())).record
+        adapters = [Path(x["path"]) for x in rec.get("adapters") or [] if isinstance(x, dict) and x.get("path")]
+        if not adapters and not rec.get("model"):
+            raise NomoatError(f"--record: {f} does not say which model answered (no nomoat provenance)")
+        adapter_artifacts(adapters, Catalog(), f"--record ({f})")
+        out[a.model_id] = (rec.get("model"), adapters)
+    return out
+
+
+def record_judgments(report: Any, targets: dict[str, tuple[str | None, list[Path]]], verdicts: Path) -> None:
+    """Attach each compared model's adjusted win rate (pairwise) or mean grade (single)."""
+    import math
+
+    from nomoat.catalog import Catalog
+    from nomoat.catalog.records import record_result
+
+    cat, lines = Catalog(), []
+    for s in report.pairwise:
+        model, adapters = targets.get(s.model_2, (None, []))
+        if not math.isnan(s.overall.adjusted):
+            detail = {"vs": s.model_1, "judge": s.judge, "ci": list(s.overall.ci), "wins": s.overall.wins,
+                      "ties": s.overall.ties, "losses": s.overall.losses, "data": str(verdicts.resolve())}
+            lines += record_result("judge", f"win rate vs {s.model_1}", s.overall.adjusted, model, adapters,
+                                   detail, cat)
+    for s in report.single:
+        model, adapters = targets.get(s.model, (None, []))
+        if not math.isnan(s.mean):
+            lines += record_result("judge", "judge grade", s.mean, model, adapters,
+                                   {"judge": s.judge, "ci": list(s.ci), "data": str(verdicts.resolve())}, cat)
+    for line in lines:
+        err.print(escape(line), soft_wrap=True, highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(models_app, name="models")
     app.add_typer(adapters_app, name="adapters")

@@ -64,6 +64,9 @@ AdapterOpt = Annotated[list[str] | None, typer.Option(
 QuantOpt = Annotated[str, typer.Option("--quant", "-q", help="Weights: auto (keep a quantized file in 4/8 bits "
                                        "on int4/int8 kernels), q4, q8, or none (float).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Apply adapters even if trained on a different base.")]
+RegisterOpt = Annotated[str | None, typer.Option("--register", help="Add the adapter to the catalog as NAME[:TAG] "
+                                                 "when training ends (its base must be in the catalog: checked "
+                                                 "before training starts).")]
 
 
 def print_rows(rows: list[tuple[str, str]]) -> None:

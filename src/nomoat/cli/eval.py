@@ -38,6 +38,9 @@ def eval_cmd(
     threads: ThreadsOpt = None,
     dtype: DtypeOpt = None,
     quant: QuantOpt = defaults.QUANT,
+    record: Annotated[bool, typer.Option("--record", help="Attach the scores to the catalog: the adapted score to "
+                                         "the adapters, the base score to the model (when in the catalog).")]
+    = False,
 ) -> None:
     """Score a model, and with --adapter the base and the adapted model side by side."""
     from nomoat.api import load_with_adapters
@@ -48,6 +51,10 @@ def eval_cmd(
     if metric not in METRICS:
         raise NomoatError(f"--metric {metric!r} is not one of {', '.join(METRICS)}")
     records = load_task(data) if metric != "perplexity" else None
+    if record:
+        from nomoat.cli.catalog import record_targets
+
+        stack = record_targets(adapter)  # before the run: every adapter must be in the catalog
     with status("loading model..."):
         lm = load_with_adapters(model, adapter or (), force=force, dtype=dtype, threads=threads, quant=quant)
     weights = active_weights(lm.model)
@@ -76,6 +83,12 @@ def eval_cmd(
             out.print(f"[dim]{rec.source}[/dim] expected [bold]{rec.expected}[/bold]; " +
                       "; ".join(f"{label}: {r.answers[i]!r}" for label, r in results.items()), soft_wrap=True)
     out.print(table)
+    if record:
+        from nomoat.cli.catalog import record_scores
+
+        value = {label: r.perplexity if metric == "perplexity" else r.accuracy for label, r in results.items()}
+        record_scores("eval", metric, lm.source, stack, value.get("base"), value.get("adapted"), data,
+                      {"quant": lm.quant})
 
 
 def register(app: typer.Typer) -> None:

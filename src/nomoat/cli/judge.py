@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from nomoat import defaults
-from nomoat.cli.common import AdapterOpt, DtypeOpt, ForceOpt, ModelOpt, QuantOpt, ThreadsOpt, err, out
+from nomoat.cli.common import AdapterOpt, DtypeOpt, ForceOpt, ModelOpt, QuantOpt, ThreadsOpt, err, model_ref, out
 
 judge_app = typer.Typer(help="Judge answers with an LLM: pairwise (both orders), single grades, and reports.",
                         no_args_is_help=True)
@@ -92,8 +92,9 @@ AnswersArg = Annotated[list[Path], typer.Argument(help="Answer files (MT-bench m
 JudgeOpt = Annotated[str, typer.Option("--judge", help="local (a nomoat model in this process) or the URL of an "
                                        "OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1 (`nomoat serve`).")]
 JudgeModelOpt = Annotated[str | None, typer.Option("--judge-model", help="Model id at the --judge URL.")]
-JudgePathOpt = Annotated[str | None, typer.Option("--judge-path", help="With --judge local: the judge's model "
-                                                  "file or directory (default: the embedded model).")]
+JudgePathOpt = Annotated[str | None, typer.Option("--judge-path", callback=model_ref, help="With --judge local: "
+                                                  "the judge's model file, directory or catalog name (default: the "
+                                                  "embedded model).")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Verdicts file (JSONL); a PNG goes beside it.")]
 CacheOpt = Annotated[Path | None, typer.Option("--cache", help="SQLite verdict cache (default: beside --out, "
                                                ".cache.sqlite).")]
@@ -107,15 +108,21 @@ MaxTokOpt = Annotated[int, typer.Option("--judge-max-tokens", help="Longest judg
 RepeatOpt = Annotated[int, typer.Option("--repeat", help="Judge everything N times (at --judge-temperature) to "
                                         "measure the judge's run-to-run spread.")]
 ParallelOpt = Annotated[int, typer.Option("--parallel", "-p", help="Judge requests in flight at once.")]
+RecordOpt = Annotated[bool, typer.Option("--record", help="Attach the results to the catalog: each answer file's "
+                                        "adapters (or model) get their win rate or mean grade.")]
 
 
 def _judge(mode: str, answers: list[Path], judge: str, judge_model: str | None, judge_path: str | None,
            out_path: Path | None, cache: Path | None, questions: str | None, prompt: str | None,
            temperature: float, max_tokens: int, repeat: int, parallel: int, soft: bool = False,
-           all_pairs: bool = False) -> None:
+           all_pairs: bool = False, record: bool = False) -> None:
     from nomoat.api import judge_answers
     from nomoat.eval.judge_client import JudgeSettings
 
+    if record:
+        from nomoat.cli.catalog import judged_targets
+
+        targets = judged_targets(answers)  # before judging: what each answer file's model is in the catalog
     settings = JudgeSettings(temperature, max_tokens, soft, repeat, parallel)
     with _progress("judging") as progress:
         run = judge_answers(mode, answers, judge=judge, judge_model=judge_model, judge_path=judge_path,
@@ -128,6 +135,10 @@ def _judge(mode: str, answers: list[Path], judge: str, judge_model: str | None, 
               f"({escape(str(run.cache))}), {st.requested} requested"
               + (f", {st.failed} refused by the judge" if st.failed else ""), soft_wrap=True, highlight=False)
     _print_report(run.report)
+    if record:
+        from nomoat.cli.catalog import record_judgments
+
+        record_judgments(run.report, targets, run.out)
 
 
 @judge_app.command("pairwise")
@@ -148,11 +159,12 @@ def pairwise(
     max_tokens: MaxTokOpt = 256,
     repeat: RepeatOpt = 1,
     parallel: ParallelOpt = 4,
+    record: RecordOpt = False,
 ) -> None:
     """Compare the first answer file (the baseline) with each other one, every comparison judged in both
     orders: a win only when both orders agree, a tie otherwise."""
     _judge("pairwise", answers, judge, judge_model, judge_path, out_path, cache, questions, prompt, temperature,
-           max_tokens, repeat, parallel, soft, all_pairs)
+           max_tokens, repeat, parallel, soft, all_pairs, record)
 
 
 @judge_app.command("single")
@@ -169,10 +181,11 @@ def single(
     max_tokens: MaxTokOpt = 256,
     repeat: RepeatOpt = 1,
     parallel: ParallelOpt = 4,
+    record: RecordOpt = False,
 ) -> None:
     """Grade every answer from 1 to 10; the report gives each model's mean score with its 95% interval."""
     _judge("single", answers, judge, judge_model, judge_path, out_path, cache, questions, prompt, temperature,
-           max_tokens, repeat, parallel)
+           max_tokens, repeat, parallel, record=record)
 
 
 @judge_app.command("report")

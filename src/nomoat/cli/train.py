@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from nomoat.cli.common import ModelOpt, ThreadsOpt, err, status
+from nomoat.cli.common import ModelOpt, RegisterOpt, ThreadsOpt, adapter_ref_path, err, status
 from nomoat.errors import NomoatError
 
 
@@ -99,6 +99,10 @@ def finetune(
     resume: Annotated[Path | None, typer.Option(help="Continue the interrupted run in this directory.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run in --out.")] = False,
     qlora: Annotated[bool, typer.Option("--qlora", help="Train over a frozen 4-bit (int4) base: QLoRA.")] = False,
+    on: Annotated[Path | None, typer.Option("--on", callback=adapter_ref_path, help="An adapter (path or catalog "
+                                            "name) to train on top of: it stays frozen and on, and the new adapter "
+                                            "is used stacked on it.")] = None,
+    register: RegisterOpt = None,
     threads: ThreadsOpt = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="Base weights dtype: bfloat16 or float32 (default: "
                                               "bfloat16 where the CPU has hardware BF16, else float32).")] = None,
@@ -109,6 +113,7 @@ def finetune(
     get several epochs (at least ~60 optimizer steps) and a higher learning rate, and a warning says when
     a run is likely too short to learn much.
     """
+    from nomoat.cli.catalog import check_register, register_output
     from nomoat.runtime.loading import load
     from nomoat.train.sft import TrainConfig, check_out
     from nomoat.train.sft import finetune as run
@@ -122,15 +127,21 @@ def finetune(
                       warmup=warmup, max_grad_norm=max_grad_norm, seq_len=seq_len, pack=pack,
                       train_on_prompt=train_on_prompt, val_fraction=val_fraction, eval_every=eval_every,
                       save_every=save_every, seed=seed, grad_checkpointing=grad_checkpointing, rank=rank,
-                      alpha=alpha, dropout=dropout, targets=[targets], rslora=rslora, dtype=dtype)
+                      alpha=alpha, dropout=dropout, targets=[targets], rslora=rslora, dtype=dtype,
+                      on=str(on) if on else None)
     if resume is None:
         cfg.check()
     check_out(out_dir, resume=resume is not None, overwrite=overwrite)  # before minutes of loading
     with status("loading model..."):
         lm = load(model, dtype=cfg.base_dtype(), threads=threads, quant="q4" if qlora else "none")
+    check_register(register, lm)  # before minutes of training
     summary = run_with_progress(lambda on_step, say: run(lm, cfg, resume=resume is not None, overwrite=overwrite,
                                                          on_step=on_step, on_message=say))
     print_run_summary(out_dir, summary)
+    if summary.get("stack_on"):
+        err.print(f"use it stacked on the adapter it was trained on: --adapter {on} --adapter {out_dir}",
+                  soft_wrap=True)
+    register_output(out_dir, register)
 
 
 def register(app: typer.Typer) -> None:

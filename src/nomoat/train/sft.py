@@ -66,6 +66,7 @@ class TrainConfig:
     targets: list[str] = field(default_factory=lambda: ["all-linear"])
     rslora: bool = False
     dtype: str | None = None  # base weights; None: bfloat16 with hardware BF16, else float32
+    on: str | None = None  # an adapter to train on top of (kept frozen and active; the result stacks on it)
 
     @classmethod
     def from_saved(cls, d: Any, source: str) -> TrainConfig:
@@ -181,6 +182,21 @@ class SFTObjective:
         return total / max(count, 1)
 
 
+def _load_on(lm, cfg: TrainConfig, ckpt) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """With `cfg.on`: the adapter to train on top of, loaded frozen and active (its base checked), and its
+    parent record; a resumed run must find the same adapter it started with."""
+    if not cfg.on:
+        return {}, []
+    from nomoat.adapters import load_adapter, parent_record
+
+    rec = parent_record(cfg.on, "finetune-on")
+    saved = ckpt.state.get("on_digest") if ckpt is not None else None
+    if saved and saved != rec["digest"]:
+        raise NomoatError(f"--on {cfg.on}: differs from the adapter the run in {cfg.out} was trained on")
+    name = load_adapter(lm, cfg.on, name="on", activate=True)
+    return {name: 1.0}, [rec]
+
+
 def finetune(lm, cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
              on_step: Callable[[StepInfo], None] | None = None,
              on_message: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -228,8 +244,9 @@ def finetune(lm, cfg: TrainConfig, resume: bool = False, overwrite: bool = False
 
     model = lm.model
     lcfg = cfg.lora()
+    stack, parents = _load_on(lm, cfg, ckpt)
     add_adapter(model, lcfg, ADAPTER, init=True)
-    set_active(model, {ADAPTER: 1.0})
+    set_active(model, {**stack, ADAPTER: 1.0})
     n_trainable = mark_trainable(model, ADAPTER)
     tokens_per_batch = cfg.batch_size * max(len(r[0]) for r in train_rows)
     model.gradient_checkpointing = cfg.grad_checkpointing == "on" or (
@@ -240,7 +257,9 @@ def finetune(lm, cfg: TrainConfig, resume: bool = False, overwrite: bool = False
                       min_lr_ratio=cfg.min_lr_ratio, max_grad_norm=cfg.max_grad_norm, grad_accum=cfg.grad_accum,
                       eval_every=cfg.eval_every, save_every=cfg.save_every)
     res = train_loop(model, objective, loop, out, lambda: adapter_state_dict(model, ADAPTER),
-                     {"config": asdict(cfg), "data_sha256": data_sha}, resume=ckpt, on_step=on_step, say=say)
+                     {"config": asdict(cfg), "data_sha256": data_sha,
+                      "on_digest": parents[0]["digest"] if parents else None},
+                     resume=ckpt, on_step=on_step, say=say)
     if res.interrupted:
         raise KeyboardInterrupt
     summary = {
@@ -267,6 +286,9 @@ def finetune(lm, cfg: TrainConfig, resume: bool = False, overwrite: bool = False
         "threads": torch.get_num_threads(),
         "complete": res.step >= total_steps,
     }
+    if parents:
+        summary["parents"] = parents  # the catalog's lineage
+        summary["stack_on"] = {"path": parents[0]["path"], "digest": parents[0]["digest"]}
     write_peft_dir(out, lcfg, adapter_state_dict(model, ADAPTER), lm.base_model_id, summary,
                    extra_files={"training_log.json": json.dumps({"summary": summary, "history": res.history},
                                                                 indent=1).encode()})
