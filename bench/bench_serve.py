@@ -133,13 +133,16 @@ def main() -> None:
               f"adapters rank 8 all-linear ({size:.1f} MiB each on disk), "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
         rows = []
-        srv = Server(adapters[:1], a.threads)
+        srv = Server(adapters[:2], a.threads)
+        mixed4 = ["smollm2", "a0", "a1", "smollm2"]
         try:
             for m in ("smollm2", "a0"):  # warm-up
                 one_stream(srv.url, m, "Hi", 4)
             for label, models in [("1 client, base", ["smollm2"]), ("1 client, adapter", ["a0"]),
-                                  ("4 clients, base", ["smollm2"] * 4),
-                                  ("4 clients, 2 base + 2 adapter", ["smollm2", "a0", "smollm2", "a0"])]:
+                                  ("4 clients, base", ["smollm2"] * 4), ("8 clients, base", ["smollm2"] * 8),
+                                  ("4 clients, base + 2 adapters", mixed4),
+                                  ("8 clients, base + 2 adapters", mixed4 * 2),
+                                  ("4 clients, all adapter a0", ["a0"] * 4)]:
                 res, wall = run_clients(srv.url, models, a.max_tokens)
                 total = sum(r["tokens"] for r in res)
                 rows.append((label, sum(r["ttft"] for r in res) / len(res), max(r["ttft"] for r in res),
@@ -147,9 +150,14 @@ def main() -> None:
         finally:
             srv.close()
         print(f"{'clients':32} {'TTFT mean s':>11} {'TTFT max s':>10} {'tok/s/client':>12} {'tok/s total':>11} "
-              f"{'tokens':>6}")
+              f"{'tokens':>6} {'x 1 client':>10}")
+        one = rows[0][4]
         for r in rows:
-            print(f"{r[0]:32} {r[1]:11.2f} {r[2]:10.2f} {r[3]:12.1f} {r[4]:11.1f} {r[5]:6d}")
+            print(f"{r[0]:32} {r[1]:11.2f} {r[2]:10.2f} {r[3]:12.1f} {r[4]:11.1f} {r[5]:6d} {r[4] / one:10.2f}")
+        by = {r[0]: r for r in rows}
+        print(f"a row with an adapter costs {100 * (by['1 client, base'][3] / by['1 client, adapter'][3] - 1):+.0f}% "
+              f"per token alone, {100 * (by['4 clients, base'][4] / by['4 clients, all adapter a0'][4] - 1):+.0f}% "
+              "in a batch of 4")
         print()
         memory(adapters, a.threads)
 

@@ -227,3 +227,19 @@ def test_fuse_rows_is_exact_and_parts_still_work(kind):
     for p, b in zip(parts, before):  # the parts now view the fused weights and give the same outputs
         assert torch.equal(p(x), b)
     assert fuse_rows([make(torch.randn(64, 128)), make(torch.randn(64, 64))]) is None  # different inputs
+
+
+def test_q8_embedding_gathers_exactly_what_gguf_dequantizes() -> None:
+    rng = np.random.default_rng(int.from_bytes(np.random.bytes(4), "little"))
+    table = rng.standard_normal((300, 64)).astype(np.float32) * rng.uniform(0.01, 3.0, (300, 1)).astype(np.float32)
+    raw = gguf.quants.quantize(table, gguf.GGMLQuantizationType.Q8_0)
+    want = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0))
+    emb = quant.Q8Embedding(*quant.q8_0_blocks_to_codes(raw))
+    assert torch.equal(emb.dequantize(), want)
+    ids = torch.from_numpy(rng.integers(0, 300, (3, 7)))
+    assert torch.equal(emb(ids), want[ids])
+    # The tied head built a block of rows at a time equals the one built from the whole float table.
+    whole, blocks = Int8Linear.from_float(want), Int8Linear.from_rows(emb.dequantize, 300, 64, chunk=64)
+    assert torch.equal(whole.qweight, blocks.qweight) and torch.equal(whole.scales, blocks.scales)
+    with pytest.raises(NomoatError, match="Q8_0 blocks"):
+        quant.q8_0_blocks_to_codes(raw[:, :-1])

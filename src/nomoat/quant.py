@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from nomoat.errors import NomoatError
 
-__all__ = ["Int4Linear", "Int8Linear", "q4_blocks_to_codes", "quantize_linears"]
+__all__ = ["Int4Linear", "Int8Linear", "Q8Embedding", "q4_blocks_to_codes", "q8_0_blocks_to_codes", "quantize_linears"]
 
 _BF16 = torch.bfloat16
 # (header bytes, bytes per 32-element block): fp16 d [+ fp16 m] then 16 bytes of nibbles.
@@ -56,6 +56,48 @@ def q4_blocks_to_codes(raw: np.ndarray, qtype: str) -> tuple[Tensor, Tensor, Ten
     scale = halves[..., 0]
     offset = halves[..., 1] if qtype == "Q4_1" else -8.0 * scale  # Q4_0: d * (q - 8)
     return torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(np.ascontiguousarray(offset))
+
+
+def q8_0_blocks_to_codes(raw: np.ndarray) -> tuple[Tensor, Tensor]:
+    """Split GGUF Q8_0 blocks (fp16 d, then 32 int8) into (codes int8 (rows, k), scales fp16 (rows, k/32));
+    ``codes * scale`` in fp32 is exactly ``gguf.quants.dequantize`` (an fp16 times an int8 is exact)."""
+    if raw.ndim != 2 or raw.dtype != np.uint8 or raw.shape[1] % 34:
+        raise NomoatError(f"q8_0_blocks_to_codes: expected a uint8 (rows, k*34) array of Q8_0 blocks, "
+                          f"got {raw.dtype} {tuple(raw.shape)}")
+    rows, n_blocks = raw.shape[0], raw.shape[1] // 34
+    blocks = raw.reshape(rows, n_blocks, 34)
+    scales = np.ascontiguousarray(blocks[..., :2]).view(np.float16).reshape(rows, n_blocks)
+    codes = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(rows, n_blocks * 32)
+    return torch.from_numpy(codes), torch.from_numpy(scales.copy())
+
+
+class Q8Embedding(nn.Module):
+    """A token embedding kept in its Q8_0 blocks: a lookup gathers the rows' int8 codes and block scales and
+    dequantizes just those rows, exactly as gguf does, so the table costs 8.5 bits a weight, not 16 or 32.
+
+    Buffers: ``codes`` int8 (vocab, hidden), ``scales`` fp16 (vocab, hidden/32).
+    """
+
+    def __init__(self, codes: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = codes.shape
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        self.out_dtype = dtype
+
+    @property
+    def weight_dtype_name(self) -> str:
+        return "q8_0"
+
+    def forward(self, ids: Tensor) -> Tensor:
+        c = self.codes[ids].float()
+        s = self.scales[ids].float()
+        return (c.view(*c.shape[:-1], -1, 32) * s.unsqueeze(-1)).view(c.shape).to(self.out_dtype)
+
+    def dequantize(self, rows: slice = slice(None)) -> Tensor:
+        """fp32 (rows, hidden) of the table, exactly as gguf dequantizes it."""
+        c, s = self.codes[rows].float(), self.scales[rows].float()
+        return (c.view(c.shape[0], -1, 32) * s.unsqueeze(-1)).view(c.shape)
 
 
 @functools.cache
@@ -330,6 +372,18 @@ class Int8Linear(_QuantLinear):
         layer.qweight = torch.round(w / s_div[:, None]).clamp_(-127, 127).to(torch.int8)
         layer.scales = s
         layer._set_bias(bias)
+        return layer
+
+    @classmethod
+    def from_rows(cls, rows: Callable[[slice], Tensor], out_features: int, in_features: int,
+                  chunk: int = 1024) -> Int8Linear:
+        """As `from_float`, from a function giving the float weight a block of rows at a time (so a large
+        table, such as a tied output head, is never held in float whole)."""
+        layer = cls(in_features, out_features)
+        for r0 in range(0, out_features, chunk):
+            part = cls.from_float(rows(slice(r0, min(out_features, r0 + chunk))))
+            layer.qweight[r0:r0 + part.out_features] = part.qweight
+            layer.scales[r0:r0 + part.out_features] = part.scales
         return layer
 
     def _matmul(self, x: Tensor) -> Tensor:

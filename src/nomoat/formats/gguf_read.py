@@ -7,6 +7,7 @@ anything so that a truncated or hostile file is refused cheaply.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import struct
 from dataclasses import dataclass
@@ -205,6 +206,20 @@ class GGUFModelFile:
         for t in self.tensors.values():
             if t.tensor_type.name not in FLOAT_TYPES | QUANT_TYPES:
                 raise NomoatError(f"{self.path}: tensor {t.name} has unsupported type {t.tensor_type.name}")
+
+    def drop_pages(self) -> None:
+        """Let the OS take back the file's pages this process has read (once the weights are converted):
+        they are file-backed and clean, read again on demand, yet count in the resident size until dropped."""
+        import mmap
+
+        for t in self.tensors.values():
+            base = t.data
+            while base is not None and not isinstance(base, mmap.mmap):
+                base = getattr(base, "base", None)
+            if base is not None and hasattr(base, "madvise"):
+                with contextlib.suppress(OSError, ValueError):
+                    base.madvise(mmap.MADV_DONTNEED)
+            return  # one map holds every tensor
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.fields.get(key, default)

@@ -273,10 +273,26 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, quant: str
     modules: dict[str, torch.nn.Module] = {}
     types = {n: ckpt.qtype(n) for n in names}
     plans = weight_plan(ckpt, quant) if quantize else {}
-    for n in names:
+    for k, n in enumerate(names):
+        if k % 16 == 15:
+            # The conversions' temporaries and the file pages read so far, before they pile up into the peak.
+            _release_freed_memory()
+            if isinstance(ckpt, GGUFModelFile):
+                ckpt.drop_pages()
         if n in plans:
             modules[n.removesuffix(".weight")] = _quantized_linear(ckpt, cfg, n, plans[n])
             types[n] = str(plans[n])
+            continue
+        if n == "model.embed_tokens.weight" and quantize and types[n] == "Q8_0" and isinstance(ckpt, GGUFModelFile):
+            # Keep the table in its 8-bit blocks and gather rows; the tied head is built from them a block of
+            # rows at a time. No float copy of the largest tensor of a small model is ever made.
+            from nomoat.quant import Int8Linear, Q8Embedding, q8_0_blocks_to_codes
+
+            emb = Q8Embedding(*q8_0_blocks_to_codes(ckpt.tensors[names[n]].data), dtype=torch_dtype)
+            modules["model.embed_tokens"] = emb
+            if "lm_head.weight" in plans and "lm_head.weight" not in names:
+                modules["lm_head"] = Int8Linear.from_rows(emb.dequantize, cfg.vocab_size, cfg.hidden_size)
+                types["lm_head.weight"] = str(plans["lm_head.weight"])
             continue
         w = ckpt.load_float(n, cfg)
         if n == "model.embed_tokens.weight" and "lm_head.weight" in plans and "lm_head.weight" not in names:
@@ -298,6 +314,8 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, quant: str
         fuse_projections(model, fuse_rows)
         set_float_matmul_rows(model, cpu.float_matmul_rows)
     _release_freed_memory()
+    if isinstance(ckpt, GGUFModelFile):
+        ckpt.drop_pages()  # every tensor is converted or copied by now
     return LoadedModel(model=model, tokenizer=tokenizer, config=cfg, source=Path(ckpt.path),
                        source_format="gguf" if isinstance(ckpt, GGUFModelFile) else "hf",
                        load_seconds=time.perf_counter() - t0, weight_types=types, checkpoint=ckpt,
