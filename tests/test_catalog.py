@@ -407,7 +407,7 @@ def _reference(model: Path, adapters: list[Path], prompt: str, n: int) -> str:
     lm = load(model)
     for p in adapters:
         load_adapter(lm, p)
-    return generate(lm, [{"role": "user", "content": prompt}], GenerationConfig(temperature=0, max_new_tokens=n))
+    return generate(lm, prompt, GenerationConfig(temperature=0, max_new_tokens=n))  # as a user turn
 
 
 def test_live_server_follows_the_catalog(stocked, files, home) -> None:
@@ -452,7 +452,7 @@ def test_live_server_follows_the_catalog(stocked, files, home) -> None:
         assert started.wait(30)
         Catalog(home).remove("adapter", Ref("pir", "v1"))
         _until(lambda: "pir:v1" not in ids())
-        in_flight = httpx.get(live.url + "/health").json()["active"] > 0
+        in_flight = httpx.get(live.url + "/health", headers=h).json()["active"] > 0
         r = chat("pir:v1")
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
         t.join(120)

@@ -7,14 +7,19 @@ from typing import Annotated
 import typer
 
 from nomoat import defaults
-from nomoat.cli.common import DtypeOpt, ForceOpt, ModelOpt, QuantOpt, ThreadsOpt, err, status
+from nomoat.cli.common import DtypeOpt, ForceOpt, ModelOpt, QuantOpt, ThreadsOpt, err, named_adapter_refs, status
 
 
 def serve(
     model: ModelOpt = None,
     adapter: Annotated[list[str] | None, typer.Option(
-        "--adapter", "-a", help="NAME=PATH[:WEIGHT]: an adapter (PEFT directory or GGUF adapter) that requests "
-        "select with model=NAME, or a stack with NAME+OTHER; repeat for more.")] = None,
+        "--adapter", "-a", callback=named_adapter_refs, help="NAME=PATH[:WEIGHT]: an adapter (PEFT directory or "
+        "GGUF adapter; or a catalog name, served under that name) that requests select with model=NAME, or a stack "
+        "with NAME+OTHER; repeat for more.")] = None,
+    catalog: Annotated[bool, typer.Option("--catalog", help="Also serve every catalog adapter made for this base, "
+                                          "under its catalog name, following adds and removals while running; "
+                                          "POST /v1/adapters {name | path} and DELETE /v1/adapters/NAME load and "
+                                          "unload without a restart.")] = False,
     host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps the server to this "
                                       "machine.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
@@ -90,6 +95,11 @@ def serve(
                                 quant=quant)
     app_ = create_app(lm, name or base_name_for(lm), {sp.name: sp.weight for sp in specs}, settings, arena_settings,
                       {sp.name: str(sp.path) for sp in specs})
+    live = None
+    if catalog:
+        from nomoat.serve.catalog_routes import mount_catalog
+
+        live = mount_catalog(app_)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         err.print(f"[yellow]warning:[/yellow] listening on {host} without --api-key: anyone who can reach this "
                   "port can use the model", soft_wrap=True)
@@ -101,7 +111,11 @@ def serve(
         a = app_.state.arena
         err.print(f"arena at http://{shown}:{port}/arena with {len(a.names)} contestants, votes in {arena} "
                   f"({a.store.counts()[1]} so far); leaderboard at /leaderboard", soft_wrap=True)
-    make_server(app_, host, port).run()
+    try:
+        make_server(app_, host, port).run()
+    finally:
+        if live is not None:
+            live.stop()
     err.print("stopped")
 
 

@@ -18,7 +18,9 @@ import asyncio
 import hmac
 import itertools
 import threading
+import time
 import weakref
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from nomoat.serve.app import ModelRegistry
 from nomoat.serve.schemas import ApiError
 
 POLL_SECONDS = 1.0
+IDLE_SECONDS = 0.5  # how long a dropped adapter must sit unused by the engine before its weights are freed
 
 
 class _Uses(dict):
@@ -113,11 +116,14 @@ class CatalogRegistry(ModelRegistry):
         with self.lock:
             return next((s.key for s in self.served.values() if s.digest == digest), None)
 
-    def free_unused(self) -> list[str]:
-        """Keys of dropped adapters that no request holds any more (taken out of `doomed`)."""
+    def free_unused(self, idle: Collection[str] = ()) -> list[str]:
+        """Keys of dropped adapters that no request holds any more, or that the engine has shown idle (taken
+        out of `doomed`)."""
         with self.lock:
-            done = [k for k in self.doomed if self.uses.get(k, 0) <= 0]
+            done = [k for k in self.doomed if self.uses.get(k, 0) <= 0 or k in idle]
             self.doomed.difference_update(done)
+            for k in done:
+                self.uses.pop(k, None)
             return done
 
 
@@ -135,6 +141,7 @@ class CatalogServing:
         self._thread: threading.Thread | None = None
         self._generation = -1
         self._counter = itertools.count()
+        self._idle_since: dict[str, float] = {}  # dropped key -> since when the engine has not used it
         old: ModelRegistry = srv.registry
         self.registry = CatalogRegistry(old.base, {n: Served(n, "", "startup", "", w) for n, w in old.adapters.items()})
         srv.registry = self.registry
@@ -169,10 +176,30 @@ class CatalogServing:
         self.collect()
         return s
 
+    def _engine_idle_keys(self) -> set[str]:
+        """Dropped keys that no sequence in the engine runs and no queued request may name, continuously for
+        IDLE_SECONDS. A finished request's job can outlive it (the engine's loop keeps its last one), so the
+        resolution count alone could hold weights forever; a request that resolved before the drop is queued
+        or running well within IDLE_SECONDS."""
+        engine = self.srv.engine
+        batch = getattr(engine, "batch", None)
+        seqs = [*getattr(batch, "running", ()), *getattr(batch, "prefilling", ())]
+        busy = {k for s in seqs for k in getattr(s, "adapters", {})}
+        now = time.monotonic()
+        if batch is None or engine.queued:
+            self._idle_since.clear()
+            return set()
+        for k in list(self._idle_since):
+            if k in busy or k not in self.registry.doomed:
+                del self._idle_since[k]
+        for k in self.registry.doomed - busy:
+            self._idle_since.setdefault(k, now)
+        return {k for k, t in self._idle_since.items() if now - t >= IDLE_SECONDS}
+
     def collect(self) -> None:
         """Free the weights of unloaded adapters that no request uses any more."""
         with self.write:
-            for key in self.registry.free_unused():
+            for key in self.registry.free_unused(self._engine_idle_keys()):
                 remove_adapter(self.lm.model, key)
 
     # ---- the catalog ----
