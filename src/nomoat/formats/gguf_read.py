@@ -87,6 +87,27 @@ class _Cursor:
     def string(self) -> str:
         return bytes(self.take(self.scalar("<Q"))).decode("utf-8", errors="replace")
 
+    def _strings(self, count: int) -> list[str]:
+        """An array of strings in one tight loop (a vocabulary and its merges are ~100k of them)."""
+        buf, pos, end = self.buf, self.pos, len(self.buf)
+        unpack = struct.Struct("<Q").unpack_from
+        out = []
+        for _ in range(count):
+            if pos + 8 > end:
+                break
+            (n,) = unpack(buf, pos)
+            pos += 8
+            if pos + n > end:
+                break
+            out.append(str(buf[pos:pos + n], "utf-8", "replace"))
+            pos += n
+        else:
+            self.pos = pos
+            return out
+        self.pos = pos
+        self.take(end + 1 - pos)  # raises: the array runs past the end of the file
+        return out
+
     def value(self, vtype: int):
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype])
@@ -100,6 +121,8 @@ class _Cursor:
                 fmt = _SCALARS[itype]
                 size = struct.calcsize(fmt)
                 return list(struct.unpack(f"<{count}{fmt[1]}", self.take(size * count)))
+            if itype == 8:
+                return self._strings(count)
             return [self.value(itype) for _ in range(count)]
         raise NomoatError(f"{self.path}: unknown GGUF value type {vtype}")
 
