@@ -17,17 +17,21 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from busy import busy  # noqa: E402
 
 PROMPT_TOKENS = 512
 DECODE_TOKENS = 128
 
 NOMOAT_SIDE = r"""
 import json, resource, sys, time, torch
-threads, n_prompt, n_decode, quant = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+threads, n_prompt, n_decode, quant = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 t0 = time.perf_counter()
 from nomoat.runtime.loading import load
 from nomoat.model import KVCache
-lm = load(quant=quant, threads=threads)
+lm = load(quant=quant, threads=None if threads == "auto" else int(threads))  # auto: nomoat's own choice
 load_s = time.perf_counter() - t0
 g = torch.Generator().manual_seed(0)
 ids = torch.randint(100, 40000, (1, n_prompt), generator=g)
@@ -48,13 +52,15 @@ def run():
 run()  # warm-up: first-call allocations and kernel dispatch
 p, d = zip(*(run() for _ in range(3)))
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"load_s": load_s, "prompt_tps": sorted(p)[1], "decode_tps": sorted(d)[1], "rss_mib": rss}))
+print(json.dumps({"load_s": load_s, "prompt_tps": sorted(p)[1], "decode_tps": sorted(d)[1], "rss_mib": rss,
+                  "threads": lm.cpu.threads}))
 """
 
 LLAMA_SIDE = r"""
 import json, resource, sys, time
-threads, n_prompt, n_decode, path = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-import random
+threads, n_prompt, n_decode, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+import os, random
+threads = os.cpu_count() if threads == "auto" else int(threads)  # auto: llama.cpp's own default
 t0 = time.perf_counter()
 from llama_cpp import Llama
 llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_prompt + n_decode + 8,
@@ -94,16 +100,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-python", default="../bench-venv/bin/python",
                     help="a Python with llama-cpp-python installed")
-    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--threads", default="1,2", help="comma-separated; 'auto' lets each tool choose")
+    ap.add_argument("--busy", type=int, default=0, help="run beside this many CPU-bound processes")
     ap.add_argument("--quant", default="auto", help="nomoat's --quant (auto keeps the file's Q4 blocks)")
     a = ap.parse_args()
     path = str(default_model_path())
     rows = []
-    for t in [int(x) for x in a.threads.split(",")]:
-        ours = side(sys.executable, NOMOAT_SIDE, str(t), str(PROMPT_TOKENS), str(DECODE_TOKENS), a.quant)
-        ref = side(a.llama_python, LLAMA_SIDE, str(t), str(PROMPT_TOKENS), str(DECODE_TOKENS), path)
-        rows.append((t, ours, ref))
-    print(f"model: {path}\nprompt {PROMPT_TOKENS} tokens, decode {DECODE_TOKENS} tokens greedy, median of 3\n")
+    with busy(a.busy):
+        for t in a.threads.split(","):
+            ours = side(sys.executable, NOMOAT_SIDE, t, str(PROMPT_TOKENS), str(DECODE_TOKENS), a.quant)
+            ref = side(a.llama_python, LLAMA_SIDE, t, str(PROMPT_TOKENS), str(DECODE_TOKENS), path)
+            rows.append((t if t != "auto" else f"auto({ours['threads']})", ours, ref))
+    print(f"model: {path}\nprompt {PROMPT_TOKENS} tokens, decode {DECODE_TOKENS} tokens greedy, median of 3"
+          + (f", beside {a.busy} CPU-bound process(es)" if a.busy else "") + "\n")
     print(f"{'threads':>7} {'metric':<14} {'nomoat':>10} {'llama.cpp':>10} {'ratio':>7}")
     for t, ours, ref in rows:
         for key, label, better_high in (("prompt_tps", "prompt tok/s", True), ("decode_tps", "decode tok/s", True),
