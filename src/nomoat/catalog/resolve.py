@@ -49,8 +49,8 @@ def lookup_adapter(cat: Catalog, text: str, what: str = "--adapter") -> Artifact
 
 def resolve_model(text: str | None, what: str = "--model", cat: Catalog | None = None) -> str | None:
     """A model path for a `--model` value: an existing path as given, `default`, or a catalog name."""
-    if text is None or Path(text).exists():
-        return text
+    if text is None or Path(text).exists() or (parse_ref(text) is None and text != DEFAULT_MODEL):
+        return text  # a path (or nothing a catalog could name): the loader reports what is wrong with it
     if text == DEFAULT_MODEL:
         from nomoat.runtime.loading import default_model_path
 
