@@ -116,6 +116,7 @@ def main() -> None:
     ap.add_argument("--voters", type=int, default=20)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--streams", type=int, default=2, help="battles streaming at once during the second run")
+    ap.add_argument("--battles", type=int, default=800, help="battles created beforehand for each run's votes")
     a = ap.parse_args()
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
     bench_ratings()
@@ -126,8 +127,8 @@ def main() -> None:
         try:
             with httpx.Client(base_url=srv.url, timeout=120) as c:
                 bids = [c.post("/arena/api/battles", json={"prompt": "Hi", "stream": False, "max_tokens": 1}).json()[
-                    "battle_id"] for _ in range(4000)]
-            n, sec = vote_rate(srv.url, bids[:2000], a.voters, a.seconds)
+                    "battle_id"] for _ in range(2 * a.battles)]
+            n, sec = vote_rate(srv.url, bids[:a.battles], a.voters, a.seconds)
             print(f"votes, {a.voters} voters, nothing else running: {n} in {sec:.1f} s = {n / sec:.0f} votes/s")
             stop, counts = threading.Event(), [0]
             streams = [threading.Thread(target=streaming_battles, args=(srv.url, stop, counts))
@@ -136,7 +137,7 @@ def main() -> None:
                 t.start()
             time.sleep(2)
             c0, t0 = counts[0], time.perf_counter()
-            n, sec = vote_rate(srv.url, bids[2000:], a.voters, a.seconds)
+            n, sec = vote_rate(srv.url, bids[a.battles:], a.voters, a.seconds)
             pieces = (counts[0] - c0) / (time.perf_counter() - t0)
             stop.set()
             for t in streams:
