@@ -127,6 +127,22 @@ def test_generate_by_name_equals_by_path(stocked, files, monkeypatch, capsys) ->
     assert gguf[1] == by_path[1]  # the GGUF twin has the same weights
 
 
+def test_gguf_adapter_by_name(stocked, files, tmp_path, monkeypatch, capsys) -> None:
+    from nomoat.catalog.export import export_adapter
+
+    g = tmp_path / "sup.gguf"
+    code, _, err = run_cli(["adapter", "convert", "sup:v1", "--to", "gguf", "--out", str(g), "--model", "tiny"],
+                           monkeypatch, capsys)
+    assert code in (0, None), err
+    assert add_adapter(g, "supg").artifact.format == "gguf"  # its base found from the GGUF's header alone
+    by_gguf = run_cli(["generate", "--model", "tiny", "--adapter", "supg", *GREEDY, "Hello"], monkeypatch, capsys)
+    by_peft = run_cli(["generate", "--model", "tiny", "--adapter", "sup:v1", *GREEDY, "Hello"], monkeypatch, capsys)
+    assert by_gguf[1] == by_peft[1]
+    rep = export_adapter("supg", tmp_path / "share")
+    assert {p.name for p in rep.files} >= {"adapter_config.json", "adapter_model.safetensors", "supg.gguf"}
+    assert (tmp_path / "share" / "supg.gguf").read_bytes() == g.read_bytes()  # a stored GGUF goes out as it is
+
+
 def test_merge_by_name_equals_by_path(stocked, files, tmp_path, monkeypatch, capsys) -> None:
     for tag, model, adapter in (("name", "tiny", "sup:v1"), ("path", str(files["hf"]), str(files["sup"]))):
         code, _, err = run_cli(["adapter", "merge", "--model", model, "--adapter", adapter, "--out",
@@ -302,6 +318,29 @@ def test_finetune_on_and_register_and_eval_record(stocked, files, tmp_path, monk
     code, _, err = run_cli(["eval", "--adapter", str(files["foreign"]), "--data", str(files["task"]), "--record"],
                            monkeypatch, capsys)
     assert_one_line_error(code, err, "--record", "not in the catalog")
+
+
+def test_judge_record_attaches_win_rates_to_the_answering_adapters(stocked, files, tmp_path, monkeypatch,
+                                                                   capsys) -> None:
+    from types import SimpleNamespace
+
+    from nomoat.cli.catalog import judged_targets, record_judgments
+
+    qs = tmp_path / "q.jsonl"
+    qs.write_text(json.dumps({"prompt": "Say one."}) + "\n")
+    for name, extra in (("base", []), ("sup", ["--adapter", "sup:v1"])):
+        code, _, err = run_cli(["answer", "--model", "tiny", "--questions", str(qs), "-n", "2", "--out",
+                                str(tmp_path / f"{name}.jsonl"), *extra], monkeypatch, capsys)
+        assert code in (0, None), err
+    targets = judged_targets([tmp_path / "base.jsonl", tmp_path / "sup.jsonl"])
+    tally = SimpleNamespace(adjusted=0.75, ci=(0.5, 1.0), wins=3, ties=0, losses=1)
+    report = SimpleNamespace(pairwise=[SimpleNamespace(model_1="tiny-hf", model_2="sup", judge="j", overall=tally)],
+                             single=[])
+    assert set(targets) == {"tiny-hf", "sup"}
+    record_judgments(report, targets, tmp_path / "verdicts.jsonl")
+    res = stocked.results(stocked.find("adapter", Ref("sup", "v1")))
+    assert [(r.kind, r.metric, r.value) for r in res] == [("judge", "win rate vs tiny-hf", 0.75)]
+    assert res[0].detail["ci"] == [0.5, 1.0]
 
 
 # ---- interop ----

@@ -85,7 +85,7 @@ def export_adapter(ref: str, out: str | Path, gguf_type: str | None = None, lice
             cfg, tensors, scales, meta = read_adapter(src, model_cfg)
             write_adapter(stage, cfg, tensors, scales, meta, model_cfg)
             written += ["adapter_config.json", "adapter_model.safetensors", META_FILE]
-        gguf_name = f"{_slug(art.names[0].replace(':', '-'))}.gguf"
+        gguf_name = f"{_slug(art.names[0].removesuffix(':latest').replace(':', '-'))}.gguf"
         if art.format == "gguf" and gguf_type is None:
             shutil.copyfile(src, stage / gguf_name)
             written.append(gguf_name)
