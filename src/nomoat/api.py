@@ -27,11 +27,14 @@ def peak_rss_mib() -> float:
 def load_with_adapters(model: str | Path | None = None, adapters: Sequence[Any] = (), *, force: bool = False,
                        activate: bool = True, **load_kw: Any) -> LoadedModel:
     """`load` the model, then attach adapters (`AdapterSpec`s or `[NAME=]PATH[:WEIGHT]` strings), each
-    checked against the base's fingerprint unless `force`; `activate=False` loads them switched off."""
+    checked against the base's fingerprint unless `force`; `activate=False` loads them switched off.
+    Catalog names work for both, as on the command line (`load_with_adapters("smol", ["dates:v1"])`)."""
     from nomoat.adapters import AdapterSpec, load_adapter
+    from nomoat.catalog import resolve_adapter, resolve_model
 
-    specs = [a if isinstance(a, AdapterSpec) else AdapterSpec.parse(a, named=True) for a in adapters]
-    lm = load(model, **load_kw)
+    specs = [a if isinstance(a, AdapterSpec) else AdapterSpec.parse(resolve_adapter(a, named=True), named=True)
+             for a in adapters]
+    lm = load(resolve_model(str(model)) if model is not None else None, **load_kw)
     for sp in specs:
         load_adapter(lm, sp.path, name=sp.name, weight=sp.weight, force=force, activate=activate)
     return lm

