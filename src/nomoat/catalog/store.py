@@ -43,6 +43,7 @@ SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 120_000  # a writer holds the lock only for renames and rows: waiting this long means trouble
 ALWAYS_HASH_BYTES = 256 << 20  # files up to this size are hashed on every read
 KINDS = ("model", "adapter")
+STALE_STAGING_SECONDS = 86400  # a staging directory this old belongs to an add that was killed
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS artifacts (
@@ -487,9 +488,18 @@ class Catalog:
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
-        """A private directory under tmp/ (same file system as objects/), removed afterwards."""
+        """A private directory under tmp/ (same file system as objects/), removed afterwards; what killed
+        adds left there a day ago or more goes too."""
         if not self.exists:
             self._create()
+        for old in (self.home / "tmp").iterdir():
+            with contextlib.suppress(OSError):
+                if time.time() - old.stat().st_mtime <= STALE_STAGING_SECONDS:
+                    continue
+                if old.is_dir():
+                    shutil.rmtree(old)
+                else:
+                    old.unlink()
         d = self.home / "tmp" / uuid.uuid4().hex
         d.mkdir(parents=True)
         try:
