@@ -31,6 +31,9 @@ import time
 from pathlib import Path
 
 RANK, ALPHA, LR, BATCH, SEQ, SEED = 8, 16.0, 2e-4, 8, 128, 0
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from busy import busy  # noqa: E402
+
 VARIANTS = {  # name: (label, dtype, train_on_prompt)
     "nomoat-default": ("nomoat default (dtype chosen for this CPU)", "auto", False),
     "nomoat-bf16": ("nomoat bf16 base, response-token loss", "bfloat16", False),
@@ -164,6 +167,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="measured steps")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run only these variants")
+    p.add_argument("--busy", type=int, default=0, help="run beside this many CPU-bound processes")
     p.add_argument("--side", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -179,23 +183,24 @@ def main() -> None:
         (Path(work) / "batches.json").write_text(json.dumps(expected[True]))
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
         results = {}
-        for side in args.only or VARIANTS:
-            cmd = [sys.executable, __file__, "--side", side, "--threads", str(args.threads), "--steps",
-                   str(args.steps), "--warmup", str(args.warmup), "--work", work, "--data", str(data),
-                   "--batches", str(Path(work) / "batches.json")]
-            if args.model:
-                cmd += ["--model", args.model]
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if proc.returncode or line is None:
-                sys.exit(f"{side} run failed:\n{proc.stderr[-3000:]}")
-            res = json.loads(line[len("RESULT "):])
-            want = [int(sum(map(sum, b["attention_mask"]))) for b in expected[VARIANTS[side][2]]]
-            assert res["tokens"] == want, (side, res["tokens"], want)  # every side saw the same windows
-            res["wall"] = time.perf_counter() - t0
-            results[side] = res
-            print(f"  {side}: {res['wall']:.0f} s", file=sys.stderr)
+        with busy(args.busy):  # 0: nothing beside
+            for side in args.only or VARIANTS:
+                cmd = [sys.executable, __file__, "--side", side, "--threads", str(args.threads), "--steps",
+                       str(args.steps), "--warmup", str(args.warmup), "--work", work, "--data", str(data),
+                       "--batches", str(Path(work) / "batches.json")]
+                if args.model:
+                    cmd += ["--model", args.model]
+                t0 = time.perf_counter()
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                if proc.returncode or line is None:
+                    sys.exit(f"{side} run failed:\n{proc.stderr[-3000:]}")
+                res = json.loads(line[len("RESULT "):])
+                want = [int(sum(map(sum, b["attention_mask"]))) for b in expected[VARIANTS[side][2]]]
+                assert res["tokens"] == want, (side, res["tokens"], want)  # every side saw the same windows
+                res["wall"] = time.perf_counter() - t0
+                results[side] = res
+                print(f"  {side}: {res['wall']:.0f} s", file=sys.stderr)
     n_tok = sum(sum(map(sum, b["attention_mask"])) for b in expected[True])
     n_lab = {flag: sum(sum(y != -100 for y in row[1:]) for b in expected[flag] for row in b["labels"])
              for flag in (False, True)}
