@@ -100,6 +100,9 @@ CASES = {
     "merge-without-space": (lambda kv, ts: ([(k, ["ab"] + v[1:] if k == "tokenizer.ggml.merges" else v)
                                              for k, v in kv], ts, {}), "merges"),
     "template-int": (lambda kv, ts: (_set(kv, "tokenizer.chat_template", 7), ts, {}), "chat_template"),
+    "block-count-huge": (lambda kv, ts: (_set(kv, "llama.block_count", 1 << 24), ts, {}), "layers missing"),
+    "tokens-scalar": (lambda kv, ts: (_set(kv, "tokenizer.ggml.tokens", 7), ts, {}), "tokenizer.ggml.tokens"),
+    "arch-int": (lambda kv, ts: (_set(kv, "general.architecture", 7), ts, {}), "general.architecture"),
     "huge-vocab": (lambda kv, ts: (_set(kv, "llama.vocab_size", 1 << 24), ts, {}), "embed_tokens"),
     "dim-zero": (lambda kv, ts: (kv, [(n, [0, *d[1:]] if n == "output_norm.weight" else d, t, b)
                                       for n, d, t, b in ts], {}), "dimension of 0"),
@@ -136,7 +139,13 @@ def hf_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("field,value,why", [("rope_scaling", {"rope_type": "llama3"}, "factor"),
                                              ("eos_token_id", "x", "eos_token_id"),
-                                             ("rms_norm_eps", -1, "rms_norm_eps")])
+                                             ("rms_norm_eps", -1, "rms_norm_eps"),
+                                             ("hidden_act", "gelu", "hidden_act"),
+                                             ("attention_bias", True, "attention_bias"),
+                                             ("tie_word_embeddings", "false", "tie_word_embeddings"),
+                                             ("vocab_size", "300", "vocab_size"),
+                                             ("hidden_size", 64.5, "hidden_size"),
+                                             ("num_hidden_layers", 1 << 24, "num_hidden_layers")])
 def test_damaged_config_json(hf_dir, tmp_path, field, value, why, monkeypatch, capsys) -> None:
     import shutil
 
@@ -145,6 +154,16 @@ def test_damaged_config_json(hf_dir, tmp_path, field, value, why, monkeypatch, c
     (d / "config.json").write_text(json.dumps({**cfg, field: value}))
     code, _, err = run_cli(["info", "-m", str(d)], monkeypatch, capsys)
     assert_one_line_error(code, err, why)
+
+
+def test_duplicate_keys_in_config_json(hf_dir, tmp_path, monkeypatch, capsys) -> None:
+    import shutil
+
+    d = shutil.copytree(hf_dir, tmp_path / "m")
+    text = (d / "config.json").read_text()
+    (d / "config.json").write_text(text.replace('"vocab_size": 300,', '"vocab_size": 300, "vocab_size": 512,'))
+    code, _, err = run_cli(["info", "-m", str(d)], monkeypatch, capsys)
+    assert_one_line_error(code, err, "config.json", "'vocab_size' appears twice")
 
 
 def test_json_array_reads_linearly_and_deep_nesting_is_an_error(tmp_path) -> None:

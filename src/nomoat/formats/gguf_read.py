@@ -24,6 +24,7 @@ from nomoat.model.registry import GGUF_AUXILIARY, architecture
 GGUF_MAGIC = b"GGUF"
 MAX_COUNT = 1 << 20  # more tensors or metadata keys than this is not a model file
 
+_BLOCK = re.compile(r"blk\.(\d+)\.")
 # Types whose blocks `gguf.quants.dequantize` understands and we accept.
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 QUANT_TYPES = {"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K"}
@@ -123,7 +124,9 @@ class _Cursor:
                 return list(struct.unpack(f"<{count}{fmt[1]}", self.take(size * count)))
             if itype == 8:
                 return self._strings(count)
-            return [self.value(itype) for _ in range(count)]
+            if itype == 9:  # no model file nests arrays; reading them recursively could go 10^5 deep
+                raise NomoatError(f"{self.path}: GGUF array of arrays at offset {self.pos} is not supported")
+            raise NomoatError(f"{self.path}: unknown GGUF array item type {itype}")
         raise NomoatError(f"{self.path}: unknown GGUF value type {vtype}")
 
 
@@ -224,6 +227,8 @@ class GGUFModelFile:
         check_header(self.path)
         self.fields, self.tensors = parse_gguf(self.path)
         self.arch = self.get("general.architecture", "llama")
+        if not isinstance(self.arch, str):
+            raise NomoatError(f"{self.path}: general.architecture = {self.arch!r} is not a string")
         self.architecture = architecture(self.arch, str(self.path))
         self._names: dict[str, str] | None = None
         for t in self.tensors.values():
@@ -264,7 +269,9 @@ class GGUFModelFile:
     def config(self) -> LlamaConfig:
         n_head = self._num("attention.head_count", int)
         hidden = self._num("embedding_length", int)
-        tokens = self.get("tokenizer.ggml.tokens") or ()
+        tokens = self.get("tokenizer.ggml.tokens") or []
+        if not isinstance(tokens, list):
+            raise NomoatError(f"{self.path}: tokenizer.ggml.tokens must be an array of strings")
         vocab = self._num("vocab_size", int, len(tokens) or None)
         rope_scaling = None
         if self._arch("rope.scaling.type") == "linear":
@@ -297,8 +304,18 @@ class GGUFModelFile:
         if len(tokens) > cfg.vocab_size:
             raise NomoatError(f"{self.path}: {self.arch}.vocab_size is {cfg.vocab_size} but the tokenizer has "
                               f"{len(tokens)} tokens")
+        # The layer count against the tensors, before anything is sized by it (2^24 layers would take minutes).
+        layers = {int(m.group(1)) for m in map(_BLOCK.match, self.tensors) if m}
+        if layers != set(range(cfg.num_hidden_layers)):
+            raise NomoatError(f"{self.path}: {self.arch}.block_count = {cfg.num_hidden_layers}, but the file holds "
+                              f"tensors for {len(layers)} layers (blk.0 .. blk.{max(layers, default=-1)}): "
+                              "layers missing or extra")
         if "rope_freqs.weight" in self.tensors:  # llama3-style scaling stored as per-frequency divisors
-            cfg.extra["rope_freq_factors"] = self.raw_float("rope_freqs.weight").tolist()
+            factors = self.raw_float("rope_freqs.weight")
+            if factors.numel() != cfg.head_dim // 2 or not bool(torch.isfinite(factors).all() and (factors > 0).all()):
+                raise NomoatError(f"{self.path}: rope_freqs.weight must hold {cfg.head_dim // 2} positive finite "
+                                  "divisors (one per rotary frequency)")
+            cfg.extra["rope_freq_factors"] = factors.tolist()
         return cfg
 
     def raw_float(self, gguf_name: str) -> torch.Tensor:

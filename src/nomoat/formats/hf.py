@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -19,15 +21,50 @@ from nomoat.model.config import LlamaConfig
 from nomoat.model.registry import ARCHITECTURES, Architecture, architecture
 
 SHARD_BYTES = 2 << 30
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} appears twice")  # json would keep the last one silently
+        out[k] = v
+    return out
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from a file; invalid JSON, duplicate keys and anything but an object are one line."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
     except FileNotFoundError:
         raise NomoatError(f"{path}: not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise NomoatError(f"{path}: invalid JSON ({e})") from None
+    except IsADirectoryError:
+        raise NomoatError(f"{path}: is a directory, not a JSON file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise NomoatError(f"{path}: invalid JSON ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(obj, dict):
+        raise NomoatError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _field(d: dict[str, Any], key: str, kind: type, default: Any = None, required: bool = False) -> Any:
+    """A config.json value of the right JSON type (an int may be written 64 or 64.0; no strings, no bools)."""
+    if key not in d or d[key] is None:
+        if required:
+            raise KeyError(key)
+        return default
+    v = d[key]
+    if kind is bool:
+        ok = isinstance(v, bool)
+    elif kind is int:
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and float(v).is_integer()
+    else:
+        ok = isinstance(v, int | float) and not isinstance(v, bool)
+    if not ok:
+        what = {int: "an integer", float: "a number", bool: "true or false"}[kind]
+        raise ValueError(f"{key} = {json.dumps(v)} is not {what}")
+    return kind(v)
 
 
 def config_arch(d: dict[str, Any], source: str = "config.json") -> Architecture:
@@ -44,23 +81,30 @@ def config_arch(d: dict[str, Any], source: str = "config.json") -> Architecture:
 def config_from_hf(d: dict[str, Any], source: str = "config.json") -> LlamaConfig:
     """A model config from a Hugging Face config.json's fields."""
     config_arch(d, source)
+    # What nomoat's LLaMA computes: a config asking for anything else must not load as if it did not.
+    for key, allowed in (("hidden_act", ("silu", "swish")), ("attention_bias", (False,)), ("mlp_bias", (False,))):
+        v = d.get(key)
+        if v is not None and not any(v == a and type(v) is type(a) for a in allowed):
+            raise NomoatError(f"{source}: {key} = {json.dumps(v)} is not supported (nomoat's LLaMA has "
+                              f"{key} = {json.dumps(allowed[0])})")
     try:
+        heads = _field(d, "num_attention_heads", int, required=True)
         return LlamaConfig(
-            vocab_size=int(d["vocab_size"]),
-            hidden_size=int(d["hidden_size"]),
-            intermediate_size=int(d["intermediate_size"]),
-            num_hidden_layers=int(d["num_hidden_layers"]),
-            num_attention_heads=int(d["num_attention_heads"]),
-            num_key_value_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
-            head_dim=int(d.get("head_dim") or 0),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(d.get("rope_theta", 10000.0)),
+            vocab_size=_field(d, "vocab_size", int, required=True),
+            hidden_size=_field(d, "hidden_size", int, required=True),
+            intermediate_size=_field(d, "intermediate_size", int, required=True),
+            num_hidden_layers=_field(d, "num_hidden_layers", int, required=True),
+            num_attention_heads=heads,
+            num_key_value_heads=_field(d, "num_key_value_heads", int, heads),
+            head_dim=_field(d, "head_dim", int, 0),
+            rms_norm_eps=_field(d, "rms_norm_eps", float, 1e-6),
+            rope_theta=_field(d, "rope_theta", float, 10000.0),
             rope_scaling=d.get("rope_scaling"),
-            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            max_position_embeddings=_field(d, "max_position_embeddings", int, 2048),
+            tie_word_embeddings=_field(d, "tie_word_embeddings", bool, False),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
-            name=str(d.get("_name_or_path", "")),
+            name=str(d.get("_name_or_path") or ""),
         )
     except KeyError as e:
         raise NomoatError(f"{source}: missing field {e.args[0]!r}") from None
@@ -142,9 +186,16 @@ class HFModelDir:
             raise NomoatError(f"{path}: not a valid safetensors file ({e})") from None
 
     def config(self) -> LlamaConfig:
-        cfg = config_from_hf(self.raw_config, str(self.path / "config.json"))
+        src = str(self.path / "config.json")
+        cfg = config_from_hf(self.raw_config, src)
         if not cfg.name:
             cfg.name = self.path.name
+        # The layer count against the tensors, before anything is sized by it.
+        layers = {int(m.group(1)) for m in map(_LAYER.match, self.files) if m}
+        if layers != set(range(cfg.num_hidden_layers)):
+            raise NomoatError(f"{src}: num_hidden_layers = {cfg.num_hidden_layers}, but the weights hold "
+                              f"{len(layers)} layers (model.layers.0 .. {max(layers, default=-1)}): layers missing "
+                              "or extra")
         return cfg
 
     def eos_ids(self) -> list[int]:
