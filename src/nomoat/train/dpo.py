@@ -57,6 +57,11 @@ DEFAULT_BETA = {"sigmoid": 0.1, "robust": 0.1, "hinge": 0.1, "ipo": 0.1, "orpo":
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
 REFERENCE_CACHE = "reference-logps"
+# Scored tokens per vocabulary projection: a 128 x 49k chunk of logits and its gradient stay small.
+LOGIT_CHUNK = 128
+# Gradient checkpointing (auto) above this many tokens a batch. Without it the default model keeps ~2 MB of
+# activations per token: 8 pairs of ~160 tokens peaked at 3.4 GB without, 1.3 GB with, for ~20% more time a step.
+CHECKPOINT_ABOVE = 512
 CACHE_VERSION = 1
 
 
@@ -209,7 +214,7 @@ def sequence_logps(model: torch.nn.Module, batch: PreferenceBatch) -> torch.Tens
     """Summed log-probabilities of every completion of a packed batch: [2B] (chosen of pair i at i, its
     rejected at B + i), float32, differentiable through the active adapters."""
     h = model.hidden_states(batch.input_ids, batch.position_ids, batch.attention)
-    lp = token_logps(model, h[batch.src_row, batch.src_pos], batch.target)
+    lp = token_logps(model, h[batch.src_row, batch.src_pos], batch.target, chunk=LOGIT_CHUNK)
     return torch.zeros(batch.lengths.numel(), dtype=lp.dtype).index_add(0, batch.seq, lp)
 
 
@@ -442,7 +447,7 @@ def train_dpo(lm, cfg: DPOConfig, resume: bool = False, overwrite: bool = False,
         + f", base weights {str(model.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads")
     widest = max(r.width for r in objective.train_rows)
     model.gradient_checkpointing = cfg.grad_checkpointing == "on" or (
-        cfg.grad_checkpointing == "auto" and cfg.batch_size * widest > 2048)
+        cfg.grad_checkpointing == "auto" and cfg.batch_size * widest > CHECKPOINT_ABOVE)
     loop = LoopConfig(total_steps=total_steps, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
                       min_lr_ratio=cfg.min_lr_ratio, max_grad_norm=cfg.max_grad_norm, grad_accum=cfg.grad_accum,
                       eval_every=cfg.eval_every, save_every=cfg.save_every)
