@@ -275,6 +275,7 @@ def test_reference_is_the_model_with_the_new_adapter_off(tiny_dir, pairs_file, t
     assert (bare - cached).abs().max() > 1e-3
     meta = json.loads((tmp_path / "run" / "nomoat_adapter.json").read_text())
     assert meta["preference"]["reference"] == "base + adapter" and meta["stack_on"]["path"] == str(sft.resolve())
+    assert meta["parents"][0]["relation"] == "dpo-on" and meta["parents"][0]["digest"] == meta["stack_on"]["digest"]
 
 
 def _load(path: Path) -> list[PreferencePair]:

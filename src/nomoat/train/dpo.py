@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nomoat import __version__
-from nomoat.adapters import base_fingerprint, fingerprint_tensors, load_adapter
+from nomoat.adapters import base_fingerprint, load_adapter, parent_record
 from nomoat.data import data_fingerprint, split_validation
 from nomoat.data.preference import (
     PAIR_FORMATS,
@@ -357,12 +357,6 @@ class DPOObjective:
 # --------------------------------------------------------------------------- the run
 
 
-def _adapter_digest(model: torch.nn.Module, name: str) -> str:
-    """A loaded adapter's identity: its tensors and scales."""
-    return fingerprint_tensors(adapter_state_dict(model, name).items()) + ":" + hashlib.sha256(
-        json.dumps(_scales(model, name), sort_keys=True).encode()).hexdigest()[:16]
-
-
 def saved_config(out: str | Path) -> DPOConfig:
     """The settings of the preference run checkpointed in `out` (for --resume: its dtype, its adapter)."""
     return _resume_config(DPOConfig(data="", out=str(out)), Path(out))[0]
@@ -416,9 +410,11 @@ def train_dpo(lm, cfg: DPOConfig, resume: bool = False, overwrite: bool = False,
     reference: dict[str, float] = {}
     on_info = None
     if cfg.on:
-        name = load_adapter(lm, cfg.on, name=ON, force=cfg.force)
-        reference = {name: 1.0}
-        on_info = {"path": str(Path(cfg.on).resolve()), "digest": _adapter_digest(model, name)}
+        on_info = parent_record(cfg.on, "dpo-on")  # the catalog's lineage; its digest keys the reference cache
+        saved = ckpt.state.get("on_digest") if ckpt is not None else None
+        if saved and saved != on_info["digest"]:
+            raise NomoatError(f"--on {cfg.on}: differs from the adapter the run in {out} was trained on")
+        reference = {load_adapter(lm, cfg.on, name=ON, force=cfg.force): 1.0}
     lcfg = cfg.lora()
     add_adapter(model, lcfg, ADAPTER, init=True)
     n_trainable = mark_trainable(model, ADAPTER)
@@ -453,7 +449,7 @@ def train_dpo(lm, cfg: DPOConfig, resume: bool = False, overwrite: bool = False,
                       eval_every=cfg.eval_every, save_every=cfg.save_every)
     res = train_loop(model, objective, loop, out, lambda: adapter_state_dict(model, ADAPTER),
                      {"config": asdict(cfg), "data_sha256": data_sha, "objective": "preference",
-                      "base_fingerprint": fingerprint},
+                      "base_fingerprint": fingerprint, "on_digest": on_info and on_info["digest"]},
                      resume=ckpt, on_step=on_step, say=say)
     if res.interrupted:
         raise KeyboardInterrupt
@@ -478,7 +474,6 @@ def train_dpo(lm, cfg: DPOConfig, resume: bool = False, overwrite: bool = False,
                        "reference_logps": (("precomputed" if cfg.precompute else "per step")
                                            if spec.uses_reference else None),
                        "reference_cache": str(cache_path) if cache_path else None},
-        "stack_on": on_info if cfg.on and not cfg.combine else None,
         "hyperparameters": asdict(cfg),
         "trainable_parameters": n_trainable,
         "steps": res.step,
@@ -493,6 +488,10 @@ def train_dpo(lm, cfg: DPOConfig, resume: bool = False, overwrite: bool = False,
         "threads": torch.get_num_threads(),
         "complete": res.step >= total_steps,
     }
+    if on_info:
+        summary["parents"] = [on_info]
+        if not cfg.combine:  # the new adapter works stacked on that one
+            summary["stack_on"] = {"path": on_info["path"], "digest": on_info["digest"]}
     _write_adapter(out, model, lcfg, lm.base_model_id, summary, res.history, on=next(iter(reference), None)
                    if cfg.combine else None)
     save_loss_curve(out, res.history)
@@ -513,6 +512,6 @@ def _write_adapter(out: Path, model: torch.nn.Module, lcfg: LoraConfig, base_id:
         tensors, sc, _ = combine([(adapter_state_dict(model, on), _scales(model, on), 1.0),
                                   (tensors, _scales(model, ADAPTER), 1.0)], "concat")
         lcfg = combined_config(tensors, sc)
-        summary["combined_from"] = [summary["preference"]["reference_adapter"], {"path": str(out), "trained": True}]
+        summary["combined_with_on"] = True  # holds the --on adapter and the new one (rank r1 + r2)
     log = json.dumps({"summary": summary, "history": history}, indent=1).encode()
     write_peft_dir(out, lcfg, tensors, base_id, summary, extra_files={"training_log.json": log})
