@@ -98,6 +98,10 @@ class ModelRegistry:
                 out.append("+".join(combo))
         return out
 
+    def card_fields(self, model: str) -> dict[str, Any]:
+        """Extra fields of a /v1/models entry (a live catalog's registry adds each adapter's base and parent)."""
+        return {}
+
     def resolve(self, model: str) -> dict[str, float]:
         """Adapter weights for a model id, in the order they were loaded; ApiError 404 if unknown."""
         parts = model.split("+")
@@ -404,7 +408,7 @@ def create_app(lm: LoadedModel, base_name: str, adapters: dict[str, float] | Non
     def model_card(mid: str) -> dict[str, Any]:
         parts = [p for p in mid.split("+") if p != srv.registry.base]
         return {"id": mid, "object": "model", "created": 0, "owned_by": "nomoat", "root": srv.registry.base,
-                "adapters": parts}
+                "adapters": parts, **srv.registry.card_fields(mid)}
 
     @v1.get("/models")
     async def list_models() -> dict[str, Any]:

@@ -142,6 +142,7 @@ class Engine:
                 if job.cancelled.is_set():
                     self.batch.cancel(key)
                     self._finish(job, "cancelled")
+            job = None  # noqa: F841  (see _deliver)
             self.active = len(self.batch)
             if not len(self.batch):
                 continue
@@ -150,16 +151,21 @@ class Engine:
             except Exception as e:  # a failed forward pass fails the requests in it, not the server
                 self._drop_all("error", f"generation failed: {e}")
                 continue
-            for ev in events:
-                job = self._jobs.get(ev.key)
-                if job is None:
-                    continue
-                if job.cancelled.is_set():  # nothing more reaches a request once it is cancelled
-                    self.batch.cancel(ev.key)
-                    self._finish(job, "cancelled")
-                    continue
-                for piece in ev.pieces:
-                    job.emit("delta", piece)
-                if ev.finished:
-                    self._finish(job, "done")
+            self._deliver(events)
             self.active = len(self.batch)
+
+    def _deliver(self, events: list) -> None:
+        # A method of its own so that no finished job stays referenced by the loop's locals (an unloaded
+        # adapter's weights are freed once nothing holds a request that used them).
+        for ev in events:
+            job = self._jobs.get(ev.key)
+            if job is None:
+                continue
+            if job.cancelled.is_set():  # nothing more reaches a request once it is cancelled
+                self.batch.cancel(ev.key)
+                self._finish(job, "cancelled")
+                continue
+            for piece in ev.pieces:
+                job.emit("delta", piece)
+            if ev.finished:
+                self._finish(job, "done")
