@@ -40,7 +40,15 @@ from nomoat.data.preference import (
 )
 from nomoat.errors import NomoatError
 from nomoat.formats.peft import write_peft_dir
-from nomoat.lora import LoraConfig, adapter_state_dict, add_adapter, lora_modules, mark_trainable, set_active
+from nomoat.lora import (
+    LoraConfig,
+    active_weights,
+    adapter_state_dict,
+    add_adapter,
+    lora_modules,
+    mark_trainable,
+    set_active,
+)
 from nomoat.lora.combine import combine, combined_config
 from nomoat.model.losses import PREFERENCE_LOSSES, PreferenceLoss, preference_loss, token_logps
 from nomoat.train.checkpoint import CHECKPOINT_DIR, config_from_saved, load_checkpoint
@@ -184,11 +192,8 @@ def load_preference_pairs(path: str | Path, fmt: str = "auto", langs: Sequence[s
         return load_pairs(path, fmt, langs, skipped)
     if fmt not in ("auto", "battles"):
         raise NomoatError(f"{path}: an SQLite database holds arena battles, not --format {fmt}")
-    try:
-        from nomoat.eval.battles import read_battles
-    except ImportError:
-        raise NomoatError(f"{path}: reading an arena database needs nomoat's arena (nomoat.eval.battles); export "
-                          "its battles as JSONL instead") from None
+    from nomoat.eval.battles import read_battles  # the arena's store is the arena's business
+
     notes: list[str] = []
     battles = read_battles(path)
     pairs = pairs_from_battles(((f"{path}#battle {i + 1}", b) for i, b in enumerate(battles)), notes)
@@ -223,8 +228,6 @@ def reference_logps(model: torch.nn.Module, rows: Sequence[PreferenceRow], pad_i
                     reference: dict[str, float]) -> torch.Tensor:
     """[N, 2] reference (chosen, rejected) log-probabilities, the adapters in `reference` active (and only
     them), in eval mode; the active set is restored after."""
-    from nomoat.lora import active_weights
-
     was, before = model.training, active_weights(model)
     model.eval()
     set_active(model, reference)
@@ -302,7 +305,10 @@ class DPOObjective:
     def batches(self, epoch: int, start: int) -> Iterator[PreferenceBatch]:
         return self.collate.iter_batches(self.train_rows, self.batch_size, self.seed, epoch, start=start)
 
-    def _terms(self, model: torch.nn.Module, batch: PreferenceBatch, precomputed: torch.Tensor | None):
+    def _terms(self, model: torch.nn.Module, batch: PreferenceBatch, precomputed: torch.Tensor | None
+               ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Per-pair losses [B] and the batch's metrics; the reference from `precomputed` rows, else a pass with
+        the new adapter off."""
         B = batch.index.numel()
         ref_c = ref_r = None
         if self.spec.uses_reference:
