@@ -410,6 +410,36 @@ def test_bad_data_is_a_file_line_error(tiny_dir, tmp_path, monkeypatch, capsys) 
         train_dpo(make_tiny_lm(), DPOConfig(data=str(tmp_path / "none.jsonl"), out=str(tmp_path / "y")))
 
 
+def test_arena_database_votes_become_pairs(tmp_path) -> None:
+    from nomoat.eval.arena_store import ArenaStore
+    from nomoat.train.dpo import data_digest, load_preference_pairs
+
+    db = tmp_path / "arena.sqlite"
+    q = [{"role": "user", "content": "Capital of France?"}]
+
+    def battle(store: ArenaStore, vote: str, a: str, b: str) -> None:
+        bid = store.create("smollm2", "sft", {}, {"sft": {"weight": 1.0}}, "smollm2", None)
+        store.save_turn(bid, q + [{"role": "assistant", "content": a}], q + [{"role": "assistant", "content": b}], 1)
+        store.vote(bid, vote, "voter-1")
+
+    with ArenaStore(db) as store:
+        battle(store, "a", "Paris.", "Lyon?")
+        battle(store, "tie", "Paris.", "Paris!")
+        battle(store, "b", "I don't know.", "Paris.")
+        before = data_digest(db)
+        battle(store, "bothbad", "Rome.", "Berlin.")
+        assert data_digest(db) != before  # the votes count, wherever SQLite keeps them
+    skipped: list[str] = []
+    pairs = load_preference_pairs(db, skipped=skipped)
+    assert [(p.prompt, p.chosen[0]["content"], p.rejected[0]["content"]) for p in pairs] == [
+        (q, "Paris.", "Lyon?"), (q, "Paris.", "I don't know.")]
+    assert len(skipped) == 2
+    with pytest.raises(NomoatError, match="--lang"):
+        load_preference_pairs(db, langs=["en"])
+    with pytest.raises(NomoatError, match="not --format oasst"):
+        load_preference_pairs(db, "oasst")
+
+
 # --------------------------------------------------------------------------- the default model
 
 

@@ -95,6 +95,8 @@ def test_format_detection_and_forcing(tmp_path) -> None:
         load_pairs(g, "oasst")
     with pytest.raises(NomoatError, match="unknown preference data format 'csv'"):
         load_pairs(g, "csv")
+    with pytest.raises(NomoatError, match=rf"{g}: --lang filters Open Assistant data; this file is in the trl"):
+        load_pairs(g, langs=["en"])
 
 
 # --------------------------------------------------------------------------- Open Assistant

@@ -83,6 +83,8 @@ def load_pairs(path: str | Path, fmt: str = "auto", langs: Sequence[str] = (),
     if fmt == "auto":
         line, first = records[0]
         fmt = detect_format(first, f"{name}:{line}")
+    if langs and fmt != "oasst":
+        raise NomoatError(f"{name}: --lang filters Open Assistant data; this file is in the {fmt} layout")
     notes: list[str] = []
     if fmt == "trl":
         pairs = [p for line, rec in records if (p := _trl_pair(rec, f"{name}:{line}", notes))]

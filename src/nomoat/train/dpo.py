@@ -192,6 +192,8 @@ def load_preference_pairs(path: str | Path, fmt: str = "auto", langs: Sequence[s
         return load_pairs(path, fmt, langs, skipped)
     if fmt not in ("auto", "battles"):
         raise NomoatError(f"{path}: an SQLite database holds arena battles, not --format {fmt}")
+    if langs:
+        raise NomoatError(f"{path}: --lang filters Open Assistant data; this is an arena database")
     from nomoat.eval.battles import read_battles  # the arena's store is the arena's business
 
     notes: list[str] = []
@@ -202,6 +204,16 @@ def load_preference_pairs(path: str | Path, fmt: str = "auto", langs: Sequence[s
     if not pairs:
         raise NomoatError(f"{path}: no decided battles ({len(battles)} battles, {len(notes)} ties or both-bad)")
     return pairs
+
+
+def data_digest(path: str | Path) -> str:
+    """sha256 of the data: the file's bytes, or for an arena database the battles it holds (recent votes may
+    still sit in its write-ahead log, beside the main file)."""
+    if not is_sqlite(path):
+        return data_fingerprint(path)
+    from nomoat.eval.battles import read_battles
+
+    return hashlib.sha256(json.dumps(read_battles(path), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def rows_digest(rows: Sequence[PreferenceRow]) -> str:
@@ -375,7 +387,7 @@ def _resume_config(cfg: DPOConfig, out: Path):
         raise NomoatError(f"{out}: the run there is not a preference (dpo) run; resume it with its own command")
     saved = DPOConfig.from_saved(ckpt.state.get("config"), f"{out}/{CHECKPOINT_DIR}/state.json")
     saved.out = cfg.out
-    if cfg.data and Path(cfg.data).exists() and data_fingerprint(cfg.data) != ckpt.state["data_sha256"]:
+    if cfg.data and Path(cfg.data).exists() and data_digest(cfg.data) != ckpt.state["data_sha256"]:
         raise NomoatError(f"{cfg.data}: differs from the data the run in {out} was trained on")
     saved.data = cfg.data if cfg.data and Path(cfg.data).exists() else saved.data
     return saved, ckpt
@@ -401,7 +413,7 @@ def train_dpo(lm, cfg: DPOConfig, resume: bool = False, overwrite: bool = False,
     spec = cfg.preference_loss()
     skipped: list[str] = []
     pairs = load_preference_pairs(cfg.data, cfg.format, cfg.lang, skipped)
-    data_sha = data_fingerprint(cfg.data)
+    data_sha = data_digest(cfg.data)
     rows = build_preference_rows(pairs, lm.tokenizer, min(cfg.seq_len, lm.config.max_position_embeddings), skipped)
     if skipped:
         say(f"left out {len(skipped)} records without a usable preference (first: {skipped[0]})")
