@@ -7,6 +7,7 @@ import sys
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from nomoat import __version__  # importing nomoat bounds OpenMP's idle spinning before torch loads
 from nomoat.cli import adapter, catalog, demo, dpo, eval, judge, ratings, run, serve, train
@@ -41,11 +42,19 @@ for _group in (run, train, dpo, eval, judge, ratings, adapter, catalog, serve, d
     _group.register(app)
 
 
+def one_line(message: str, limit: int = 1000) -> str:
+    """A message as one printable line: values read from a damaged file may hold line breaks, control
+    characters or megabytes; they are escaped and cut in the middle."""
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message)
+    return text if len(text) <= limit else f"{text[:limit * 2 // 3]} ... {text[-limit // 4:]}"
+
+
 def main() -> None:
     try:
         app()
     except NomoatError as e:
-        err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        # Escaped for rich too: a '[' in a file's value must not be read as markup.
+        err.print(f"[bold red]error:[/bold red] {escape(one_line(str(e)))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,16 @@ def _field(rec: dict, key: str, src: str, required: bool = True) -> str:
         return ""
     if not isinstance(value, str):
         raise NomoatError(f'{src}: "{key}" must be a string, got {kind_of(value)}')
+    return _unicode(value, src, key)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _unicode(value: str, src: str, key: str) -> str:
+    # JSON can spell an unpaired surrogate ("\ud800"), which is no Unicode text: tokenizers cannot take it.
+    if _SURROGATE.search(value):
+        raise NomoatError(f'{src}: "{key}" holds an unpaired surrogate (U+D800..U+DFFF), which is not Unicode text')
     return value
 
 
@@ -174,6 +185,7 @@ def _parse_turns(
             raise NomoatError(f'{where}: unknown {role_key} "{role}"; expected one of {", ".join(roles)}')
         if not isinstance(content, str):
             raise NomoatError(f'{where}: "{content_key}" must be a string, got {kind_of(content)}')
+        _unicode(content, where, content_key)
         if roles[role] == "assistant" and not content.strip():
             raise NomoatError(f"{where}: empty assistant reply")
         messages.append({"role": roles[role], "content": content})

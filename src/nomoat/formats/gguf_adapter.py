@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 
 from nomoat import __version__
 from nomoat.errors import NomoatError
-from nomoat.formats.gguf_read import check_header, qk_permute_rows, qk_row_order
+from nomoat.formats.gguf_read import GGUFTensor, check_header, parse_gguf, qk_permute_rows, qk_row_order
 from nomoat.formats.gguf_write import atomic_gguf_writer
 from nomoat.lora import LoraConfig
 from nomoat.lora.tensors import check_lora_pair, check_lora_shapes, common_pair, lora_config_for, lora_modules_of
@@ -123,14 +124,17 @@ def write_gguf_adapter(path: str | Path, cfg: LoraConfig, tensors: dict[str, tor
     return path
 
 
-def _contents(reader: Any, key: str, path: Path) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
-        return None
-    try:
-        return f.contents()
-    except Exception:
-        raise NomoatError(f"{path}: metadata field {key} is malformed") from None
+@dataclass
+class _AdapterFile:
+    """A GGUF adapter's metadata and tensors, read by the same strict parser as model files (duplicate keys,
+    alignment, offsets tiling the data section: an offset moved into another tensor is refused, not read)."""
+
+    fields: dict[str, Any]
+    tensors: list[GGUFTensor]
+
+
+def _contents(reader: _AdapterFile, key: str, path: Path) -> Any:
+    return reader.fields.get(key)
 
 
 def _recorded_config(text: Any, path: Path) -> LoraConfig | None:
@@ -164,7 +168,7 @@ def read_gguf_adapter(path: str | Path, model_cfg: LlamaConfig
         raise NomoatError(f"{path}: general.architecture {arch_name!r} does not match the base model (llama)")
     arch = architecture(arch_name)
     alpha = _contents(reader, "adapter.lora.alpha", path)
-    if alpha is not None and (not isinstance(alpha, int | float) or not math.isfinite(alpha)):
+    if alpha is not None and (type(alpha) not in (int, float) or not math.isfinite(alpha)):
         raise NomoatError(f"{path}: adapter.lora.alpha {alpha!r} is not a finite number")
     size = path.stat().st_size
     found: dict[str, dict[str, Any]] = {}
@@ -226,14 +230,10 @@ def read_gguf_adapter(path: str | Path, model_cfg: LlamaConfig
     return cfg, tensors, scales, _nomoat_meta(reader, path)
 
 
-def _open_adapter(path: Path) -> Any:
-    import gguf
-
+def _open_adapter(path: Path) -> _AdapterFile:
     check_header(path)
-    try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as e:  # the reader raises bare ValueErrors/IndexErrors on bad files
-        raise NomoatError(f"{path}: corrupt or truncated GGUF ({e})") from None
+    fields, tensors = parse_gguf(path)
+    reader = _AdapterFile(fields, list(tensors.values()))
     gtype = _contents(reader, "general.type", path)
     if gtype != "adapter":
         raise NomoatError(f"{path}: not a LoRA adapter (general.type = {gtype!r}); a model GGUF goes to --model")
@@ -247,7 +247,7 @@ def gguf_adapter_meta(path: str | Path) -> dict[str, Any]:
     return _nomoat_meta(_open_adapter(path), path)
 
 
-def _nomoat_meta(reader: Any, path: Path) -> dict[str, Any]:
+def _nomoat_meta(reader: _AdapterFile, path: Path) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     raw_meta = _contents(reader, "nomoat.meta", path)
     if isinstance(raw_meta, str):

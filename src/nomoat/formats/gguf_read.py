@@ -31,6 +31,37 @@ QUANT_TYPES = {"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "
 
 
 
+# No trained weight comes near this (fp16's largest value); a larger or non-finite one is a damaged file, and
+# would overflow the logits to inf or NaN rather than fail loudly.
+MAX_WEIGHT = 65504.0
+# Per-block fp16 scale (and min) fields: (bytes per block, header fields, largest |code| a scale multiplies).
+_BLOCK_SCALES = {"Q4_0": (18, 1, 8), "Q4_1": (20, 2, 15), "Q8_0": (34, 1, 128), "Q5_0": (22, 1, 16),
+                 "Q5_1": (24, 2, 31)}
+
+
+def check_weight(w: torch.Tensor, what: str) -> torch.Tensor:
+    """`w` if every value is finite and within ±MAX_WEIGHT (one pass, no copy), else a one-line error."""
+    if w.numel():
+        lo, hi = torch.aminmax(w.detach().reshape(-1))
+        if not (-MAX_WEIGHT <= float(lo) and float(hi) <= MAX_WEIGHT):  # NaN fails both
+            bad = float(lo) if not -MAX_WEIGHT <= float(lo) else float(hi)
+            raise NomoatError(f"{what} holds {bad:g} (weights must be finite and within ±{MAX_WEIGHT:g}): "
+                              "a damaged file")
+    return w
+
+
+def check_blocks(raw: np.ndarray, qtype: str, what: str) -> np.ndarray:
+    """Quantized blocks whose fp16 scales (and mins) are finite and keep every weight within ±MAX_WEIGHT."""
+    if qtype in _BLOCK_SCALES:
+        size, fields, codes = _BLOCK_SCALES[qtype]
+        heads = np.ascontiguousarray(raw.reshape(-1, size)[:, :2 * fields]).view(np.float16).astype(np.float32)
+        bound = np.abs(heads[:, 0]) * codes + (np.abs(heads[:, 1]) if fields == 2 else 0)
+        if not bool(np.all(bound <= MAX_WEIGHT)):  # NaN fails too
+            raise NomoatError(f"{what} has a block scale of {heads[~(bound <= MAX_WEIGHT)][0, 0]:g} (weights must be "
+                              f"finite and within ±{MAX_WEIGHT:g}): a damaged file")
+    return raw
+
+
 def qk_row_order(rows: int, n_head: int) -> torch.Tensor:
     """Row indices that undo llama.cpp's q/k permutation: hf = gguf[order].
 
@@ -329,7 +360,14 @@ class GGUFModelFile:
         else:
             arr = gguf.quants.dequantize(data, t.tensor_type)
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-        return torch.from_numpy(np.ascontiguousarray(arr).reshape(shape))
+        return check_weight(torch.from_numpy(np.ascontiguousarray(arr).reshape(shape)),
+                            f"{self.path}: tensor {gguf_name}")
+
+    def block_data(self, hf_name: str) -> np.ndarray:
+        """A quantized tensor's raw blocks (uint8 rows), their scales checked: for kernels that take the codes
+        as they are (Q4_0/Q4_1 to int4, Q8_0 embeddings)."""
+        t = self.tensors[self.hf_names()[hf_name]]
+        return check_blocks(t.data, t.tensor_type.name, f"{self.path}: tensor {t.name}")
 
     def hf_names(self) -> dict[str, str]:
         """HF name -> GGUF name for every weight the model uses; a tensor it has no use for is an error."""

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nomoat.errors import NomoatError
+from nomoat.formats.gguf_read import check_weight
 from nomoat.model.config import LlamaConfig
 from nomoat.model.registry import ARCHITECTURES, Architecture, architecture
 
@@ -48,9 +49,13 @@ def read_json(path: Path) -> dict:
     return obj
 
 
+_NULLABLE = {"num_key_value_heads", "head_dim"}  # null means "derive it", as in transformers' LlamaConfig
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+
+
 def _field(d: dict[str, Any], key: str, kind: type, default: Any = None, required: bool = False) -> Any:
     """A config.json value of the right JSON type (an int may be written 64 or 64.0; no strings, no bools)."""
-    if key not in d or d[key] is None:
+    if key not in d or (d[key] is None and key in _NULLABLE):
         if required:
             raise KeyError(key)
         return default
@@ -217,7 +222,12 @@ class HFModelDir:
             if unknown:
                 raise NomoatError(f"{self.path}: tensor {unknown[0]} is not part of a {self.arch} model"
                                   + (f" ({len(unknown)} such tensors)" if len(unknown) > 1 else ""))
-            self._names = {n: n for n in self.files if n in known}
+            names = {n: n for n in self.files if n in known}
+            for n in names:  # from the header: integer weights would load as garbage through .float()
+                dtype = self.qtype(n)
+                if dtype not in FLOAT_DTYPES:
+                    raise NomoatError(f"{self.files[n]}: tensor {n} is stored as {dtype}, not a float type")
+            self._names = names
         return self._names
 
     def _open(self, path: Path):
@@ -239,9 +249,10 @@ class HFModelDir:
             raise NomoatError(f"{self.path}: tensor {name} is missing")
         f = self._open(path)
         try:
-            return f.get_tensor(name).float()
+            w = f.get_tensor(name).float()
         except Exception as e:
             raise NomoatError(f"{path}: cannot read tensor {name} ({e})") from None
+        return check_weight(w, f"{path}: tensor {name}")
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._open(self.files[name]).get_slice(name).get_shape())

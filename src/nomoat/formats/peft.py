@@ -78,6 +78,55 @@ def write_peft_dir(out: str | Path, cfg: LoraConfig, tensors: dict[str, torch.Te
     return out
 
 
+# adapter_config.json keys nomoat reads, with the JSON types PEFT writes them as (null is always allowed).
+_CONFIG_TYPES: dict[str, tuple[type, ...]] = {
+    "r": (int,), "lora_alpha": (int, float), "lora_dropout": (int, float), "use_rslora": (bool,),
+    "use_dora": (bool,), "fan_in_fan_out": (bool,), "rank_pattern": (dict,), "alpha_pattern": (dict,),
+    "target_modules": (list, str), "peft_type": (str,), "bias": (str,), "modules_to_save": (list,),
+    "layers_to_transform": (list, int), "base_model_name_or_path": (str,)}
+_JSON_NAMES = {int: "an integer", float: "a number", bool: "true or false", dict: "an object", list: "a list",
+               str: "a string"}
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _check_config(raw: dict[str, Any], modules: list[str], src: str) -> None:
+    """Types and values of the adapter's config, and its consistency with the tensors: what PEFT would apply
+    differently (other modules or layers, DoRA, biases, transposed weights) is refused, not ignored."""
+    for key, kinds in _CONFIG_TYPES.items():
+        v = raw.get(key)
+        if v is not None and (not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds)):
+            want = " or ".join(_JSON_NAMES[k] for k in kinds)
+            raise NomoatError(f"{src}: {key} = {json.dumps(v)[:60]} is not {want}")
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise NomoatError(f"{src}: peft_type {raw.get('peft_type')!r} is not supported (only LORA)")
+    for key, ok in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
+        if raw.get(key) not in (ok, None):
+            raise NomoatError(f"{src}: {key} = {json.dumps(raw[key])} is not supported (only {json.dumps(ok)})")
+    if raw.get("modules_to_save"):
+        raise NomoatError(f"{src}: modules_to_save {raw['modules_to_save']} (full embedding/head copies) "
+                          "is not supported")
+    layers = raw.get("layers_to_transform")
+    if layers is not None:
+        allowed = {layers} if isinstance(layers, int) else set(layers)
+        outside = next((m for m in modules if (g := _LAYER.search(m)) and int(g.group(1)) not in allowed), None)
+        if outside is not None:
+            raise NomoatError(f"{src}: layers_to_transform {layers} leaves out {outside}, which has weights")
+    targets = raw.get("target_modules")
+    if isinstance(targets, list):
+        missed = next((m for m in modules if not any(isinstance(t, str) and (m == t or m.endswith("." + t))
+                                                       for t in targets)), None)
+    elif isinstance(targets, str) and targets != "all-linear":
+        try:
+            missed = next((m for m in modules if not re.fullmatch(targets, m)), None)
+        except re.error as e:
+            raise NomoatError(f"{src}: target_modules {targets!r} is not a valid regular expression ({e})") from None
+    else:
+        missed = None
+    if missed is not None:
+        raise NomoatError(f"{src}: target_modules {json.dumps(targets)[:80]} does not cover {missed}, which has "
+                          "weights (PEFT would not apply them)")
+
+
 def _targets_from_config(raw: Any, tensors_modules: list[str], source: str) -> list[str]:
     leaves = sorted({m.rsplit(".", 1)[-1] for m in tensors_modules})
     unknown = [t for t in leaves if t not in ALL_LINEAR]
@@ -95,16 +144,6 @@ def read_peft_dir(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]
         raise NomoatError(f"{path}: not an adapter directory")
     raw = read_json(cfg_path)
     src = str(cfg_path)
-    if raw.get("peft_type", "LORA") != "LORA":
-        raise NomoatError(f"{src}: peft_type {raw.get('peft_type')!r} is not supported (only LORA)")
-    for key, bad in (("use_dora", True), ("bias", "all"), ("bias", "lora_only")):
-        if raw.get(key) == bad:
-            raise NomoatError(f"{src}: {key} = {bad!r} is not supported")
-    if raw.get("modules_to_save"):
-        raise NomoatError(f"{src}: modules_to_save {raw['modules_to_save']} (full embedding/head copies) "
-                          "is not supported")
-    if raw.get("fan_in_fan_out"):
-        raise NomoatError(f"{src}: fan_in_fan_out adapters are not for LLaMA linears")
     st = path / "adapter_model.safetensors"
     if not st.exists():
         if (path / "adapter_model.bin").exists():
@@ -132,15 +171,19 @@ def read_peft_dir(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]
         a, b = tensors.get(f"{mod}.lora_A.weight"), tensors.get(f"{mod}.lora_B.weight")
         if a is None or b is None:
             raise NomoatError(f"{st}: {mod} has lora_A or lora_B missing")
+    _check_config(raw, modules, src)
+
+    def get(key: str, default: Any) -> Any:
+        return default if raw.get(key) is None else raw[key]
+
     try:
-        cfg = LoraConfig(r=int(raw.get("r", 8)), alpha=float(raw.get("lora_alpha", 8)),  # PEFT's default
-                         dropout=float(raw.get("lora_dropout") or 0.0),
+        cfg = LoraConfig(r=get("r", 8), alpha=float(get("lora_alpha", 8)),  # PEFT's defaults
+                         dropout=float(get("lora_dropout", 0.0)),
                          targets=_targets_from_config(raw.get("target_modules"), modules, src),
-                         rslora=bool(raw.get("use_rslora", False)),
-                         rank_pattern=dict(raw.get("rank_pattern") or {}),
-                         alpha_pattern=dict(raw.get("alpha_pattern") or {}))
-    except (TypeError, ValueError) as e:
-        raise NomoatError(f"{src}: bad value ({e})") from None
+                         rslora=get("use_rslora", False), rank_pattern=dict(get("rank_pattern", {})),
+                         alpha_pattern=dict(get("alpha_pattern", {})))
+    except NomoatError as e:
+        raise NomoatError(f"{src}: {e}") from None
     scales = {}
     for mod in modules:
         r = tensors[f"{mod}.lora_A.weight"].shape[0]
@@ -154,7 +197,8 @@ def read_peft_dir(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]
     elif "nomoat" in header_meta:
         try:
             meta = json.loads(header_meta["nomoat"])
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             meta = {}
+        meta = meta if isinstance(meta, dict) else {}
     meta.setdefault("base_model_name_or_path", raw.get("base_model_name_or_path"))
     return cfg, tensors, scales, meta

@@ -6,6 +6,7 @@ import ast
 import contextvars
 import functools
 import json
+import math
 import re
 import time
 from datetime import datetime
@@ -29,6 +30,7 @@ _SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLA
 _DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact"}
 
 TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @lru_cache(maxsize=1)
@@ -69,11 +71,20 @@ def _check_gguf_tokenizer(meta: dict[str, Any], source: str) -> None:
         raise NomoatError(f"{source}: no tokenizer.ggml.tokens in the file")
     if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
         raise NomoatError(f"{source}: tokenizer.ggml.tokens must be an array of strings")
-    for key, kind in (("token_type", int), ("scores", (int, float))):
-        arr = meta.get(key)
-        if arr is not None and (not isinstance(arr, list) or len(arr) != len(tokens)
-                                or not all(isinstance(v, kind) for v in arr)):
-            raise NomoatError(f"{source}: tokenizer.ggml.{key} must hold one number per token ({len(tokens)})")
+    for key in ("model", "pre"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise NomoatError(f"{source}: tokenizer.ggml.{key} = {meta[key]!r} is not a string")
+    for key in ("add_bos_token", "add_eos_token", "add_space_prefix"):
+        if meta.get(key) is not None and not isinstance(meta[key], bool):
+            raise NomoatError(f"{source}: tokenizer.ggml.{key} = {meta[key]!r} is not true or false")
+    types, scores = meta.get("token_type"), meta.get("scores")
+    # llama.cpp's token types: 0 undefined, 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+    if types is not None and (not isinstance(types, list) or len(types) != len(tokens) or not all(
+            type(v) is int and 0 <= v <= 6 for v in types)):
+        raise NomoatError(f"{source}: tokenizer.ggml.token_type must hold one type (0..6) per token ({len(tokens)})")
+    if scores is not None and (not isinstance(scores, list) or len(scores) != len(tokens) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in scores)):
+        raise NomoatError(f"{source}: tokenizer.ggml.scores must hold one finite number per token ({len(tokens)})")
     merges = meta.get("merges")
     if merges is not None:
         bad = next((m for m in merges if not isinstance(m, str) or " " not in m.strip(" ")), None) \
@@ -81,6 +92,8 @@ def _check_gguf_tokenizer(meta: dict[str, Any], source: str) -> None:
         if bad is not None:
             raise NomoatError(f"{source}: tokenizer.ggml.merges entry {str(bad)[:40]!r} is not two tokens "
                               "separated by a space")
+    if meta.get("model") == "gpt2" and not merges:  # as llama.cpp: a BPE vocabulary without merges is damaged
+        raise NomoatError(f"{source}: tokenizer.ggml.merges is missing or empty (a gpt2 tokenizer needs them)")
     for key in ("bos_token_id", "eos_token_id", "eot_token_id", "eom_token_id", "unknown_token_id",
                 "padding_token_id"):
         v = meta.get(key)
@@ -89,6 +102,13 @@ def _check_gguf_tokenizer(meta: dict[str, Any], source: str) -> None:
     tmpl = meta.get("chat_template")
     if tmpl is not None and not isinstance(tmpl, str):
         raise NomoatError(f"{source}: tokenizer.chat_template must be a string")
+
+
+def _bpe(source: str, **kw: Any) -> Any:
+    try:
+        return models.BPE(**kw)
+    except Exception as e:  # tokenizers raises a bare Exception, e.g. for a merge of tokens the vocabulary lacks
+        raise NomoatError(f"{source}: tokenizer.ggml.merges does not fit the vocabulary ({e})") from None
 
 
 def tokenizer_from_gguf_metadata(meta: dict[str, Any], source: str) -> HFTokenizer:
@@ -103,8 +123,8 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any], source: str) -> HFTokeniz
         for i, t in enumerate(tokens):
             vocab[t if set(t) <= alphabet else "".join(spell[b] for b in t.encode("utf-8"))] = i
         merges = [tuple(m.split(" ", 1)) for m in (meta.get("merges") or [])]
-        tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
-                                    ignore_merges=meta.get("pre") in _SPLITS))
+        tk = HFTokenizer(_bpe(source, vocab=vocab, merges=merges, fuse_unk=False,
+                              ignore_merges=meta.get("pre") in _SPLITS))
         pre = meta.get("pre") or "default"
         if pre in _SPLITS:
             tk.pre_tokenizer = pre_tokenizers.Sequence([
@@ -123,8 +143,8 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any], source: str) -> HFTokeniz
         merges = [tuple(m.split(" ", 1)) for m in meta["merges"]] if meta.get("merges") else \
             _spm_merges(tokens, scores)
         unk = meta.get("unknown_token_id")
-        tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True,
-                                    unk_token=tokens[unk] if unk is not None else None))
+        tk = HFTokenizer(_bpe(source, vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True,
+                              unk_token=tokens[unk] if unk is not None else None))
         prefix = meta.get("add_space_prefix", True)
         norm = [normalizers.Prepend("▁")] if prefix else []
         tk.normalizer = normalizers.Sequence(norm + [normalizers.Replace(" ", "▁")])
@@ -333,7 +353,13 @@ class Tokenizer:
 
         add_special_tokens: prepend BOS / append EOS as the model's flags ask.
         """
-        ids = self.tk.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self.tk.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            if isinstance(text, str) and _SURROGATE.search(text):  # JSON "\ud800", or undecodable bytes in argv
+                raise NomoatError("the text holds an unpaired surrogate (U+D800..U+DFFF), which is not Unicode "
+                                  "text") from None
+            raise
         if add_special_tokens:
             if self.add_bos and self.bos_id is not None:
                 ids = [self.bos_id] + ids
@@ -385,19 +411,23 @@ class Tokenizer:
             tk = HFTokenizer.from_file(str(tj))
         except Exception as e:
             raise NomoatError(f"{tj}: cannot parse ({e})") from None
-        cfg: dict[str, Any] = {}
+        from nomoat.formats.hf import read_json
+
         tc = path / "tokenizer_config.json"
-        if tc.exists():
-            try:
-                cfg = json.loads(tc.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise NomoatError(f"{tc}: invalid JSON ({e})") from None
+        cfg: dict[str, Any] = read_json(tc) if tc.exists() else {}
+        for key in ("add_bos_token", "add_eos_token"):
+            if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+                raise NomoatError(f"{tc}: {key} = {json.dumps(cfg[key])} is not true or false")
         template = cfg.get("chat_template")
         jinja = path / "chat_template.jinja"
         if template is None and jinja.exists():
             template = jinja.read_text(encoding="utf-8")
         if isinstance(template, list):  # named templates: take the default one
+            if not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in template):
+                raise NomoatError(f"{tc}: chat_template as a list must hold {{name, template}} objects")
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template is not None and not isinstance(template, str):
+            raise NomoatError(f"{tc}: chat_template = {json.dumps(template)[:60]} is not a string")
 
         def tid(key: str) -> int | None:
             v = cfg.get(key)

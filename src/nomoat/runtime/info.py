@@ -9,7 +9,7 @@ from nomoat.errors import NomoatError
 from nomoat.formats.gguf_read import check_header, parse_gguf
 from nomoat.model.registry import ARCHITECTURES
 from nomoat.runtime.cpu import detect_cpu, plan_for
-from nomoat.runtime.loading import default_model_path, open_checkpoint, quantizes, weight_plan
+from nomoat.runtime.loading import check_shapes, default_model_path, open_checkpoint, quantizes, weight_plan
 
 
 def _size(path: Path) -> int:
@@ -21,8 +21,8 @@ def _unsupported_gguf(path: Path) -> NomoatError | None:
     check_header(path)
     fields, tensors = parse_gguf(path)
     arch = fields.get("general.architecture", "llama")
-    if arch in ARCHITECTURES:
-        return None
+    if not isinstance(arch, str) or arch in ARCHITECTURES:
+        return None  # a mistyped architecture is GGUFModelFile's to report
     what = ", ".join(f"{k.removeprefix('general.')} {fields[k]}" for k in ("general.name", "general.size_label",
                                                                            "general.file_type") if k in fields)
     return NomoatError(f"{path}: a GGUF {arch} model ({what}{', ' if what else ''}{len(tensors)} tensors, "
@@ -40,6 +40,7 @@ def describe_model(model: str | Path | None, quant: str = "auto") -> list[tuple[
             raise err
     ckpt = open_checkpoint(path)
     cfg = ckpt.config()
+    check_shapes(ckpt, cfg)  # what loading refuses from the header alone, info refuses too
     types = Counter(ckpt.qtype(n) for n in ckpt.hf_names())
     if quantizes(ckpt, quant):
         runs = ", ".join(f"{k} x{v}" for k, v in Counter(str(p) for p in weight_plan(ckpt, quant).values())

@@ -212,7 +212,7 @@ def _quantized_linear(ckpt, cfg: LlamaConfig, name: str, plan: LinearPlan) -> to
     from nomoat.quant import Int4Linear, Int8Linear, q4_blocks_to_codes
 
     if plan.how == "exact codes":
-        codes, scale, offset = q4_blocks_to_codes(ckpt.tensors[ckpt.hf_names()[name]].data, plan.source)
+        codes, scale, offset = q4_blocks_to_codes(ckpt.block_data(name), plan.source)
         order = ckpt.row_order(name, cfg)
         if order is not None:
             codes, scale, offset = codes[order], scale[order], offset[order]
@@ -288,7 +288,7 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, quant: str
             # rows at a time. No float copy of the largest tensor of a small model is ever made.
             from nomoat.quant import Int8Linear, Q8Embedding, q8_0_blocks_to_codes
 
-            emb = Q8Embedding(*q8_0_blocks_to_codes(ckpt.tensors[names[n]].data), dtype=torch_dtype)
+            emb = Q8Embedding(*q8_0_blocks_to_codes(ckpt.block_data(n)), dtype=torch_dtype)
             modules["model.embed_tokens"] = emb
             if "lm_head.weight" in plans and "lm_head.weight" not in names:
                 modules["lm_head"] = Int8Linear.from_rows(emb.dequantize, cfg.vocab_size, cfg.hidden_size)
