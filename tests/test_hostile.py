@@ -103,6 +103,17 @@ CASES = {
     "block-count-huge": (lambda kv, ts: (_set(kv, "llama.block_count", 1 << 24), ts, {}), "layers missing"),
     "tokens-scalar": (lambda kv, ts: (_set(kv, "tokenizer.ggml.tokens", 7), ts, {}), "tokenizer.ggml.tokens"),
     "arch-int": (lambda kv, ts: (_set(kv, "general.architecture", 7), ts, {}), "general.architecture"),
+    "add-bos-int": (lambda kv, ts: (_set(kv, "tokenizer.ggml.add_bos_token", 7), ts, {}), "add_bos_token"),
+    "token-type-negative": (lambda kv, ts: ([(k, [-1] * len(v) if k == "tokenizer.ggml.token_type" else v)
+                                             for k, v in kv], ts, {}), "token_type"),
+    "merges-empty": (lambda kv, ts: (_set(kv, "tokenizer.ggml.merges", []), ts, {}), "merges"),
+    "merge-of-unknown-tokens": (lambda kv, ts: ([(k, ["zz qq"] + v[1:] if k == "tokenizer.ggml.merges" else v)
+                                                 for k, v in kv], ts, {}), "merges"),
+    "pre-list": (lambda kv, ts: (_set(kv, "tokenizer.ggml.pre", ["default"]), ts, {}), "tokenizer.ggml.pre"),
+    "weight-nan": (lambda kv, ts: (kv, [(n, d, t, struct.pack("<f", float("nan")) + b[4:] if n == "token_embd.weight"
+                                         else b) for n, d, t, b in ts], {}), "holds nan"),
+    "weight-huge": (lambda kv, ts: (kv, [(n, d, t, struct.pack("<f", 3e38) + b[4:] if n == "output_norm.weight"
+                                          else b) for n, d, t, b in ts], {}), "holds 3e+38"),
     "huge-vocab": (lambda kv, ts: (_set(kv, "llama.vocab_size", 1 << 24), ts, {}), "embed_tokens"),
     "dim-zero": (lambda kv, ts: (kv, [(n, [0, *d[1:]] if n == "output_norm.weight" else d, t, b)
                                       for n, d, t, b in ts], {}), "dimension of 0"),
@@ -231,6 +242,13 @@ def test_bad_data_leaves_no_out_dir_and_a_cut_first_checkpoint_is_not_a_run(hf_d
     (lambda c: {**c, "lora_alpha": float("nan")}, "alpha"),
     (lambda c: {**c, "lora_alpha": 1e308}, "alpha"),
     (lambda c: {**c, "rank_pattern": {"q_proj(": 4}}, "regular expression"),
+    (lambda c: {**c, "lora_alpha": True}, "lora_alpha"),
+    (lambda c: {**c, "use_rslora": "yes"}, "use_rslora"),
+    (lambda c: {**c, "r": float("inf")}, "r = Infinity"),
+    (lambda c: {**c, "bias": 7}, "bias"),
+    (lambda c: {**c, "target_modules": ["k_proj"]}, "does not cover"),
+    (lambda c: {**c, "target_modules": ".*k_proj"}, "does not cover"),
+    (lambda c: {**c, "layers_to_transform": [0]}, "layers_to_transform"),
 ])
 def test_damaged_adapter_config(tmp_path, edit, why) -> None:
     from test_adapter_ops import random_adapter
@@ -395,3 +413,88 @@ def test_packed_long_records_are_tokenized_in_pieces_or_refused_by_line(tmp_path
     with pytest.raises(NomoatError, match=r"c\.jsonl:1: a conversation of \d+ characters is too long for --pack"):
         build_dataset(load_examples(_jsonl(tmp_path / "c.jsonl", {"instruction": one_line, "output": "b"})), tok, 64,
                       pack=True)
+
+
+def test_one_line_errors_escape_what_files_hold(pristine, monkeypatch, capsys) -> None:
+    """A value from a damaged file may hold line breaks, control characters, rich markup or megabytes."""
+    d, kv, ts = pristine
+    path = write_gguf(d / "odd-arch.gguf", _set(kv, "general.architecture", "x\n[/bold]\x1c" + "y" * 100_000), ts)
+    code, out, err = run_cli(["info", "-m", str(path)], monkeypatch, capsys)
+    assert_one_line_error(code, err, "x\\n[/bold]\\x1c", " ... ")
+    assert len(err) < 1200
+
+
+def test_gguf_adapter_offsets_are_checked(tmp_path) -> None:
+    """An adapter's tensor offset moved into another tensor was read (gguf's reader does not check)."""
+    from fuzz_corpus import apply_gguf, read_doc
+    from test_adapter_ops import random_adapter
+
+    from nomoat.adapters import convert_adapter
+    from nomoat.errors import NomoatError
+    from nomoat.formats.gguf_adapter import read_gguf_adapter
+    from nomoat.formats.peft import write_peft_dir
+    from nomoat.lora import LoraConfig
+
+    lm = make_tiny_lm()
+    cfg = LoraConfig(r=4, alpha=8, targets=["q_proj"])
+    tensors, _ = random_adapter(cfg, lm.config, seed=1)
+    src = convert_adapter(write_peft_dir(tmp_path / "a", cfg, tensors, "tiny", {}), "gguf", tmp_path / "a.gguf",
+                          lm.config)
+    raw = src.read_bytes()
+    bad = tmp_path / "b.gguf"
+    bad.write_bytes(apply_gguf(read_doc(raw), raw, {"op": "tensor", "index": 1, "field": "offset", "value": 0}))
+    with pytest.raises(NomoatError, match="overlaps"):
+        read_gguf_adapter(bad, lm.config)
+
+
+def test_damaged_hf_files(hf_dir, tmp_path, monkeypatch, capsys) -> None:
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    cases = {
+        "eos-flag": ("tokenizer_config.json", lambda c: {**c, "add_eos_token": "yes"}, "add_eos_token"),
+        "template-list": ("tokenizer_config.json", lambda c: {**c, "chat_template": ["x"]}, "chat_template"),
+        "config-list": ("tokenizer_config.json", lambda c: [c], "expected a JSON object"),
+    }
+    for name, (fname, edit, why) in cases.items():
+        d = shutil.copytree(hf_dir, tmp_path / name)
+        (d / fname).write_text(json.dumps(edit(json.loads((d / fname).read_text()))))
+        code, _, err = run_cli(["generate", "hi", "-m", str(d), "-n", "1"], monkeypatch, capsys)
+        assert_one_line_error(code, err, fname, why)
+    for name, tamper, why in (("int-weights", lambda t: t.view(torch.int32), "not a float type"),
+                              ("nan-weight", lambda t: t.clone().fill_(float("nan")), "holds nan")):
+        d = shutil.copytree(hf_dir, tmp_path / name)
+        st = load_file(str(d / "model.safetensors"))
+        st["model.norm.weight"] = tamper(st["model.norm.weight"])
+        save_file(st, str(d / "model.safetensors"))
+        code, _, err = run_cli(["generate", "hi", "-m", str(d), "-n", "1"], monkeypatch, capsys)
+        assert_one_line_error(code, err, "model.norm.weight", why)
+
+
+def test_quantized_block_scales_are_checked() -> None:
+    import numpy as np
+
+    from nomoat.errors import NomoatError
+    from nomoat.formats.gguf_read import check_blocks
+
+    blocks = np.zeros((2, 18), np.uint8)  # two Q4_0 blocks: fp16 scale, then 16 bytes of codes
+    blocks[0, :2] = np.array([0.01], np.float16).view(np.uint8)
+    blocks[1, :2] = np.array([np.inf], np.float16).view(np.uint8)
+    check_blocks(blocks[:1], "Q4_0", "t")
+    with pytest.raises(NomoatError, match="t has a block scale of inf"):
+        check_blocks(blocks, "Q4_0", "t")
+
+
+def test_unpaired_surrogates_are_refused_by_name(tmp_path, monkeypatch, capsys) -> None:
+    from nomoat.data import load_examples
+    from nomoat.errors import NomoatError
+
+    p = tmp_path / "s.jsonl"
+    p.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "\\ud800"}\n')
+    with pytest.raises(NomoatError, match=r"s\.jsonl:2: \"output\" holds an unpaired surrogate"):
+        load_examples(p)
+    model = write_tiny_gguf(make_tiny_lm(), tmp_path / "t.gguf")
+    code, _, err = run_cli(["generate", "bad \udcff byte", "-m", str(model), "-n", "1", "--raw"], monkeypatch, capsys)
+    assert_one_line_error(code, err, "unpaired surrogate")
