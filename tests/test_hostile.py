@@ -498,3 +498,16 @@ def test_unpaired_surrogates_are_refused_by_name(tmp_path, monkeypatch, capsys) 
     model = write_tiny_gguf(make_tiny_lm(), tmp_path / "t.gguf")
     code, _, err = run_cli(["generate", "bad \udcff byte", "-m", str(model), "-n", "1", "--raw"], monkeypatch, capsys)
     assert_one_line_error(code, err, "unpaired surrogate")
+
+
+def test_a_prompt_no_context_can_hold_is_refused_before_tokenizing(tmp_path, monkeypatch, capsys) -> None:
+    import io
+    import resource
+    import sys
+
+    model = write_tiny_gguf(make_tiny_lm(), tmp_path / "t.gguf")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello world " * 8_000_000))  # 96 MB: ~20 GB to tokenize
+    code, _, err = run_cli(["generate", "-m", str(model), "-n", "1", "--raw"], monkeypatch, capsys)
+    assert_one_line_error(code, err, "the prompt is 96000000 characters", "context of 512 tokens")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 1 << 20  # KiB: under 1 GiB

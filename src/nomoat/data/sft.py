@@ -236,19 +236,8 @@ LONG_PIECE = 1 << 18  # characters tokenized in one call
 
 
 def max_token_chars(tok: ChatTokenizer) -> int:
-    """The most characters of text one token can stand for: its longest vocabulary entry (a byte-level
-    entry spells each byte with one character, so it is never shorter than the text it covers)."""
-    tk = getattr(tok, "tk", None)
-    if tk is None:
-        return 256
-    cached = getattr(tok, "_max_token_chars", None)
-    if cached is None:
-        cached = max((len(t) for t in tk.get_vocab(with_added_tokens=True)), default=1)
-        try:
-            tok._max_token_chars = cached  # type: ignore[attr-defined]
-        except AttributeError:
-            pass
-    return cached
+    """`Tokenizer.max_token_chars`, or a generous bound for a tokenizer that does not say."""
+    return getattr(tok, "max_token_chars", 256)
 
 
 def char_budget(tok: ChatTokenizer, seq_len: int) -> int:

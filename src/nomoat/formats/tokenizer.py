@@ -170,7 +170,7 @@ def _raise(message: str) -> None:
 # iteration and macro call ticks a clock; the strings, lists and integers it builds, the numbers it passes
 # to calls and filters, and its output are bounded.
 RENDER_SECONDS = 2.0
-MAX_RENDER_CHARS = 1 << 24  # the longest string or list a template may build
+MAX_RENDER_CHARS = 1 << 22  # the longest string, list or output a template may build (~1M tokens)
 MAX_CALL_INT = 1 << 20  # widths, counts and repeats passed to a call or filter
 MAX_INT_BITS = 4096
 _budget: contextvars.ContextVar[float | None] = contextvars.ContextVar("template_deadline", default=None)
@@ -336,10 +336,20 @@ class Tokenizer:
             if i is not None:
                 stops.add(i)
         self.stop_ids = frozenset(stops)
+        self._max_token_chars: int | None = None
 
     @property
     def vocab_size(self) -> int:
         return self.tk.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters of text one token can stand for: its longest vocabulary entry (a byte-level
+        entry spells each byte with one character, so it is never shorter than the text it covers). Bounds
+        text before it is tokenized: `n` tokens never cover more than `n * max_token_chars` characters."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max((len(t) for t in self.tk.get_vocab(with_added_tokens=True)), default=1)
+        return self._max_token_chars
 
     @property
     def has_chat_template(self) -> bool:
