@@ -95,7 +95,8 @@ def test_health_without_a_server_key_is_complete(files) -> None:  # noqa: F811
 @pytest.mark.parametrize("host,ok", [("evil.example", False), ("evil.example:8000", False), ("localhost", True),
                                      ("LOCALHOST:1234", True), ("chat.localhost", True), ("127.0.0.1", True),
                                      ("[::1]:80", True), ("192.168.1.20:8000", True), ("app.example.com", True),
-                                     ("example.com", False)])
+                                     ("example.com", False), ("my-box.local:8000", True), ("gpu.internal", True),
+                                     ("local.evil.example", False)])
 def test_host_allow_list(live: Live, host: str, ok: bool) -> None:
     """A DNS-rebinding page reaches 127.0.0.1 under its own name: that Host is refused on every route."""
     for method, path in (("GET", "/v1/models"), ("GET", "/"), ("GET", "/health"), ("GET", "/arena")):

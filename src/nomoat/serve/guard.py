@@ -86,9 +86,11 @@ class Guard:
         return "*" in self.origins
 
     def host_ok(self, host_header: str) -> bool:
-        """A browser sends the name it resolved as Host: only a rebinding attack sends a name of its own."""
+        """A browser sends the name it resolved as Host: only a rebinding attack sends a name of its own. As
+        Ollama does, names under .local (mDNS) and .internal (private use), which no public DNS serves, pass."""
         host = _host_name(host_header)
-        return not host or self.any_origin or _is_ip(host) or _is_local(host) or host in self.hosts
+        return (not host or self.any_origin or _is_ip(host) or _is_local(host) or host in self.hosts
+                or host.endswith((".local", ".internal")))
 
     def origin_ok(self, origin: str, host_header: str) -> bool:
         if self.any_origin or origin.lower() in self.origins:
