@@ -557,7 +557,7 @@ HF_CONFIG = {"torch_dtype": "any", "architectures": "any", "bos_token_id": "leni
              "rope_theta": "lenient", "rms_norm_eps": "lenient", "max_position_embeddings": "lenient",
              "rope_scaling": "optional", "head_dim": "optional", "hidden_act": "optional", "attention_bias": "optional",
              "mlp_bias": "optional", "tie_word_embeddings": "strict", "model_type": "optional"}
-TOKENIZER_CONFIG = {"chat_template": "lenient", "bos_token": "any", "eos_token": "any", "pad_token": "any",
+TOKENIZER_CONFIG = {"chat_template": "any", "bos_token": "any", "eos_token": "any", "pad_token": "any",
                     "tokenizer_class": "any", "clean_up_tokenization_spaces": "any", "model_max_length": "any",
                     "add_eos_token": "lenient", "add_bos_token": "lenient"}
 GENERATION_CONFIG = {"bos_token_id": "any", "eos_token_id": "any"}
@@ -710,15 +710,18 @@ def run_cli(args: list[str]) -> dict[str, Any]:
             "exc": exc}
 
 
-def logits_of(case: dict, paths: dict[str, Path]) -> dict[str, Any]:
-    """The logits the accepted files give on IDS (digest, finiteness), through the Python API."""
+def logits_of(case: dict, paths: dict[str, Path], chat: bool) -> dict[str, Any]:
+    """What the accepted files compute, through the Python API: the logits on IDS, the prompts' token ids
+    (tokenizer, chat template, BOS) and a greedy completion's token ids (stop tokens), as one digest."""
     import hashlib
 
     import torch
 
     from nomoat.adapters import load_adapter
     from nomoat.errors import NomoatError
+    from nomoat.runtime.generate import GenerationConfig, generate_batch
     from nomoat.runtime.loading import load
+    from nomoat.runtime.prompts import prompt_ids
 
     try:
         if case["target"] in MODEL_TARGETS:
@@ -728,11 +731,15 @@ def logits_of(case: dict, paths: dict[str, Path]) -> dict[str, Any]:
             load_adapter(lm, paths["adapter"])
         with torch.inference_mode():
             x = lm.model(torch.tensor([IDS])).float()
+        ids = [prompt_ids(lm, PROMPT, raw=True), prompt_ids(lm, "hi") if chat else []]
+        done = generate_batch(lm.model, lm.tokenizer, [ids[1] or ids[0]], GenerationConfig(max_new_tokens=6,
+                                                                                         temperature=0))
     except NomoatError as e:
         return {"api_error": str(e)}
     except BaseException:  # noqa: BLE001
         return {"exc": traceback.format_exc(limit=-6)}
-    return {"digest": hashlib.sha256(x.numpy().tobytes()).hexdigest()[:16], "finite": bool(torch.isfinite(x).all())}
+    digest = hashlib.sha256(x.numpy().tobytes() + json.dumps([*ids, done[0].token_ids]).encode()).hexdigest()[:16]
+    return {"digest": digest, "finite": bool(torch.isfinite(x).all())}
 
 
 def run_case(root: Path, case: dict, work: Path) -> dict[str, Any]:
@@ -745,7 +752,7 @@ def run_case(root: Path, case: dict, work: Path) -> dict[str, Any]:
             res["runs"][name] = run_cli(args)
         accepted = res["runs"].get("raw", {}).get("code") == 0
         if accepted and case["target"] != "data":
-            res["logits"] = logits_of(case, paths)
+            res["logits"] = logits_of(case, paths, res["runs"].get("chat", {}).get("code") == 0)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     res["seconds"] = round(time.monotonic() - t0, 3)

@@ -195,6 +195,7 @@ def test_fuzz_corpus(fuzz_run) -> None:
                f"{seconds:.0f} s, address space limit {address_space / 2**30:.1f} GiB per worker; outcomes "
                f"{dict(sorted(outcome.items()))}; failures: {len(failures)}")
     print(summary)
+    (root / "results.json").write_text(json.dumps(results))
     (root / "summary.txt").write_text(summary + "\n" + "\n".join(f"{describe(c)}: {w}" for c, w in failures))
     assert not failures, summary + "\n" + "\n".join(f"{describe(c)}: {why}" for c, why in failures[:40]) + \
         f"\n(reproduce one: python tests/fuzz_corpus.py run {root} ID)"
