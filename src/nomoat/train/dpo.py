@@ -512,7 +512,7 @@ def train_dpo(lm, cfg: DPOConfig, resume: bool = False, overwrite: bool = False,
             summary["stack_on"] = {"path": on_info["path"], "digest": on_info["digest"]}
     _write_adapter(out, model, lcfg, lm.base_model_id, summary, res.history, on=next(iter(reference), None)
                    if cfg.combine else None)
-    save_loss_curve(out, res.history)
+    save_loss_curve(out, res.history, ylabel=f"{spec.kind} loss (mean over pairs)")
     save_metric_curves(out, res.history, ["rewards/margins", "rewards/accuracies"], "reward_curves.png")
     return summary
 

@@ -198,7 +198,7 @@ def train_loop(model: torch.nn.Module, objective: Objective, cfg: LoopConfig, ou
     return res
 
 
-def save_loss_curve(out: Path, history: list[dict[str, Any]]) -> Path | None:
+def save_loss_curve(out: Path, history: list[dict[str, Any]], ylabel: str = "loss (trained tokens)") -> Path | None:
     """loss_curve.png (train, and validation where measured) when matplotlib is installed."""
     try:
         import matplotlib
@@ -214,7 +214,7 @@ def save_loss_curve(out: Path, history: list[dict[str, Any]]) -> Path | None:
     if val:
         ax.plot(*zip(*val), "o-", label="validation", lw=1.5)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (trained tokens)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
