@@ -393,6 +393,19 @@ def _resume_config(cfg: DPOConfig, out: Path):
     return saved, ckpt
 
 
+def _load_on(lm, cfg: DPOConfig, ckpt) -> tuple[dict[str, float], dict[str, Any] | None]:
+    """With `cfg.on`: the adapter the policy and the reference share, loaded active (its base checked), and its
+    parent record (the catalog's lineage; its digest also keys the reference cache). A resumed run must find the
+    adapter it started with."""
+    if not cfg.on:
+        return {}, None
+    rec = parent_record(cfg.on, "dpo-on")
+    saved = ckpt.state.get("on_digest") if ckpt is not None else None
+    if saved and saved != rec["digest"]:
+        raise NomoatError(f"--on {cfg.on}: differs from the adapter the run in {cfg.out} was trained on")
+    return {load_adapter(lm, cfg.on, name=ON, force=cfg.force): 1.0}, rec
+
+
 def train_dpo(lm, cfg: DPOConfig, resume: bool = False, overwrite: bool = False,
               on_step: Callable[[StepInfo], None] | None = None,
               on_message: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -418,21 +431,14 @@ def train_dpo(lm, cfg: DPOConfig, resume: bool = False, overwrite: bool = False,
     if skipped:
         say(f"left out {len(skipped)} records without a usable preference (first: {skipped[0]})")
     train_idx, val_idx = split_validation(list(range(len(rows))), cfg.val_fraction, cfg.seed)
-    make_out(out)
+    reference, on_info = _load_on(lm, cfg, ckpt)
+    make_out(out)  # only now, so that refused data or a refused --on adapter leave nothing behind
     if not resume:
         cfg, notes = cfg.resolved(len(train_idx))
         for note in notes:
             say(note)
 
     model = lm.model
-    reference: dict[str, float] = {}
-    on_info = None
-    if cfg.on:
-        on_info = parent_record(cfg.on, "dpo-on")  # the catalog's lineage; its digest keys the reference cache
-        saved = ckpt.state.get("on_digest") if ckpt is not None else None
-        if saved and saved != on_info["digest"]:
-            raise NomoatError(f"--on {cfg.on}: differs from the adapter the run in {out} was trained on")
-        reference = {load_adapter(lm, cfg.on, name=ON, force=cfg.force): 1.0}
     lcfg = cfg.lora()
     add_adapter(model, lcfg, ADAPTER, init=True)
     n_trainable = mark_trainable(model, ADAPTER)
