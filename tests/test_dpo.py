@@ -399,6 +399,14 @@ def test_bad_settings_are_one_line_errors(args, mentions, tiny_dir, pairs_file, 
     assert not (tmp_path / "x").exists()
 
 
+def test_on_adapter_of_another_base_is_refused_before_anything_is_written(tiny_dir, pairs_file, tmp_path) -> None:
+    sft = _sft_adapter(tiny_dir, tmp_path / "sft")
+    other = convert_to_hf(make_tiny_lm(seed=1), tmp_path / "other-base")
+    with pytest.raises(NomoatError, match="trained on base"):
+        train_dpo(load(other), _cfg(pairs_file, tmp_path / "run", on=str(sft)))
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_data_is_a_file_line_error(tiny_dir, tmp_path, monkeypatch, capsys) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": 3, "rejected": "c"}\n')
