@@ -168,9 +168,36 @@ def test_row_adapters_refuse_unknown_and_merged() -> None:
 def test_default_model_batched_equals_alone(monkeypatch) -> None:
     from nomoat.api import load, prompt_ids
 
-    lm = with_adapters(load(threads=2))
+    lm = with_adapters(load(quant="auto", threads=2))
     prompts = [prompt_ids(lm, [{"role": "user", "content": q}]) for q in (
         "What is the capital of France?", "Write a haiku about rivers.", "Name three colors.",
         "Explain what a CPU does in one sentence.")]
-    # Weight-only int4 kernels give each row's logits to within float rounding of the batch-1 pass.
-    check_equal(lm, prompts, monkeypatch, slots=4, max_new=20, atol=2e-2)
+    # On this path the activations are bf16 (8 significant bits) from layer to layer, and the int4 kernel sums
+    # a batch of rows in another order than one row: a last-bit difference early on compounds over 30 layers
+    # to logits within ~1 of each other (of a spread of ~30); the greedy tokens stay the same.
+    check_equal(lm, prompts, monkeypatch, slots=4, max_new=20, atol=1.5)
+
+
+@pytest.mark.slow
+def test_adapter_on_fused_projections_equals_the_separate_layers() -> None:
+    """A LoRA on q/k/v or gate/up keeps the fused base matmul; its update goes on the part's slice."""
+    from nomoat.api import load
+    from nomoat.model.llama import FusableBlock
+
+    lm = with_adapters(load(quant="auto", threads=2))
+    blocks = [m for m in lm.model.modules() if isinstance(m, FusableBlock)]
+    assert blocks and all(b.fused is not None for b in blocks)
+    ids = torch.randint(3, 40000, (2, 9))
+    set_active(lm.model, {"a": 1.0, "b": 0.5})
+    with torch.inference_mode():
+        fused = lm.model(ids).float()
+        saved = [b.fused for b in blocks]
+        for b in blocks:
+            b.set_fused(None)
+        separate = lm.model(ids).float()
+        for b, f in zip(blocks, saved):
+            b.set_fused(f)
+        set_active(lm.model, {})
+        base = lm.model(ids).float()
+    torch.testing.assert_close(fused, separate, atol=0.3, rtol=0)  # bf16 outputs, as above
+    assert (fused - base).abs().max() > 0.1  # the adapters did change the output

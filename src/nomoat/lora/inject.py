@@ -13,7 +13,6 @@ from torch import nn
 from nomoat.errors import NomoatError
 from nomoat.lora.layer import LoraConfig, LoRALinear, RowPlan
 from nomoat.lora.tensors import check_lora_pair, lora_modules_of
-from nomoat.model.llama import FusableBlock
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -38,8 +37,7 @@ def _wrap(model: nn.Module, mod_name: str) -> LoRALinear:
         return mod
     parent_name, _, leaf = mod_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    if isinstance(parent, FusableBlock):
-        parent.set_fused(None)  # the fused alias would bypass the adapter
+    # A fused block keeps its fused base matmul: it routes this part's slice through the wrapper's add_delta.
     wrapper = LoRALinear(mod)
     wrapper.plan = _row_plan(model)
     setattr(parent, leaf, wrapper)

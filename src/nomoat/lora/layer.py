@@ -123,6 +123,7 @@ class LoRALinear(nn.Module):
         self.dropouts: dict[str, float] = {}
         self.active: list[str] = []
         self.merged: dict[str, float] = {}  # adapter -> effective scale folded into base.weight
+        self._casts: dict[str, tuple] = {}  # name -> (key, A, B) cast to the activations' dtype (inference)
         self.plan: RowPlan | None = None  # per-row adapters (`inject.set_row_adapters`); when set, replace `active`
 
     def add(self, name: str, r: int, scale: float, dropout: float = 0.0, init: bool = True,
@@ -147,6 +148,7 @@ class LoRALinear(nn.Module):
         if name in self.merged:
             self.unmerge(name)
         del self.lora_A[name], self.lora_B[name]
+        self._casts.pop(name, None)
         for d in (self.scales, self.weights, self.dropouts):
             d.pop(name, None)
         if name in self.active:
@@ -184,30 +186,43 @@ class LoRALinear(nn.Module):
                 continue  # this adapter does not target this layer
             if name in self.merged:
                 raise NomoatError(f"adapter {name!r} is merged into the base; unmerge it to run it on some rows")
-            A, B = self.lora_A[name], self.lora_B[name]
             whole = idx.numel() == x.shape[0]
             h = x if whole else x.index_select(0, idx)
-            if h.dtype != A.dtype:
-                A, B = A.to(h.dtype), B.to(h.dtype)
+            A, B = self._factors(name, h.dtype)
             d = F.linear(F.linear(h, A), B).mul(w.to(h.dtype) * self.scales[name]).to(y.dtype)
             y = y + d if whole else y.index_add(0, idx, d)
         return y
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+    def _factors(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B in the activations' dtype. Low-precision activations (a bf16 base) run the update in their
+        dtype rather than keep a float32 copy of every input for backward; A, B and their gradients stay
+        float32. Without gradients the cast copies are kept (and redone when the weights change), so
+        inference does not cast every adapter's factors on every token."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        if dtype == A.dtype:
+            return A, B
+        if torch.is_grad_enabled() and A.requires_grad:
+            return A.to(dtype), B.to(dtype)
+        key = (dtype, A._version, B._version, A.data_ptr(), B.data_ptr())
+        hit = self._casts.get(name)
+        if hit is None or hit[0] != key:
+            hit = (key, A.detach().to(dtype), B.detach().to(dtype))
+            self._casts[name] = hit
+        return hit[1], hit[2]
+
+    def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """`y` (the base projection of `x`) plus the active adapters' low-rank updates."""
         groups = self.plan.groups if self.plan is not None else None
         if groups is not None:
             return self._forward_rows(x, y, groups)
         for name in self.active:
             if name in self.merged:
                 continue
-            A, B = self.lora_A[name], self.lora_B[name]
             p = self.dropouts[name]
             h = F.dropout(x, p, self.training) if p and self.training else x
-            s = self.scales[name] * self.weights[name]
-            if h.dtype != A.dtype:
-                # Low-precision activations (a bf16 base): run the update in their dtype rather than keep
-                # a float32 copy of every input for backward; A and B and their gradients stay float32.
-                A, B = A.to(h.dtype), B.to(h.dtype)
-            y = y + F.linear(F.linear(h, A), B).mul(s).to(y.dtype)
+            A, B = self._factors(name, h.dtype)
+            y = y + F.linear(F.linear(h, A), B).mul(self.scales[name] * self.weights[name]).to(y.dtype)
         return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.add_delta(x, self.base(x))

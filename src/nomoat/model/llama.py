@@ -148,8 +148,9 @@ class FusableBlock(nn.Module):
 
     The fused layer is an inference-only alias of the same weights, set at load time by
     `fuse_projections`; it is kept out of the module tree (no state_dict keys, invisible to LoRA
-    targeting). Replacing one of the parts (e.g. wrapping it in a LoRA) must call `set_fused(None)`,
-    so the block falls back to its separate layers.
+    targeting). A part wrapped in a LoRA keeps the fused base: the fused output's slice for that part
+    goes through the wrapper's `add_delta`, which adds the low-rank update. Replacing a part's weights
+    in any other way must call `set_fused(None)`, so the block falls back to its separate layers.
     """
 
     fused: nn.Module | None
@@ -159,6 +160,12 @@ class FusableBlock(nn.Module):
 
     def set_fused(self, fused: nn.Module | None) -> None:
         object.__setattr__(self, "fused", fused)  # a plain attribute, not a registered submodule
+
+    def fused_parts(self, x: torch.Tensor, sizes: tuple[int, ...]) -> list[torch.Tensor]:
+        """Each part's output from one fused matmul, with any adapter on a part added (`add_delta`)."""
+        assert self.fused is not None
+        outs = self.fused(x).split(sizes, dim=-1)
+        return [p.add_delta(x, o) if hasattr(p, "add_delta") else o for p, o in zip(self.parts(), outs)]
 
 
 def fuse_projections(model: nn.Module, fuse: Callable[[list[nn.Module]], nn.Module | None]) -> int:
@@ -191,7 +198,7 @@ class Attention(FusableBlock):
         B, T, _ = x.shape
         nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         if self.fused is not None:
-            q, k, v = self.fused(x).split((nq, nkv, nkv), dim=-1)
+            q, k, v = self.fused_parts(x, (nq, nkv, nkv))
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # Rotate q and k in one go: [B, heads + kv_heads, T, D].
@@ -250,7 +257,7 @@ class MLP(FusableBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused is not None:
-            gate, up = self.fused(x).chunk(2, dim=-1)
+            gate, up = self.fused_parts(x, (self.gate_proj.out_features, self.up_proj.out_features))
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
