@@ -81,18 +81,27 @@ def batched(lm: LoadedModel, jobs: list[tuple[list[int], dict[str, float], int]]
 
 
 def check_equal(lm: LoadedModel, prompts: list[list[int]], monkeypatch, slots: int, max_new: int, atol: float,
-                stop: tuple[str, ...] = ()) -> None:
+                stop: tuple[str, ...] = (), near_tie: float | None = None) -> None:
+    """Batched == alone: the same text and logits within `atol` at every step. With `near_tie`, numerics that
+    differ by rounding (bf16 activations) may flip a greedy choice whose top two logits lie closer than that;
+    the comparison of a sequence then ends at that step (what follows is another, equally valid, sequence)."""
     rec = Recorder(monkeypatch)
     cfg = GenerationConfig(max_new_tokens=max_new, temperature=0, stop=stop)
     jobs = [(p, STACKS[k % len(STACKS)], 3 * k) for k, p in enumerate(prompts)]
     want = [alone(lm, ids, stack, cfg, rec) for ids, stack, _ in jobs]
     texts, decs = batched(lm, jobs, cfg, slots)
     for k, (text, logits) in enumerate(want):
-        assert texts[k] == text, (k, jobs[k][1])
         got = rec.logits[decs[k].rec_key]
-        assert len(got) == len(logits)
+        tied = False
         for a, b in zip(got, logits):
             torch.testing.assert_close(a, b, atol=atol, rtol=0)
+            top2 = b[0].topk(2).values
+            if near_tie is not None and float(top2[0] - top2[1]) < near_tie:
+                tied = True
+                break
+            assert int(a.argmax()) == int(b.argmax()), (k, jobs[k][1])
+        if not tied:
+            assert texts[k] == text and len(got) == len(logits), (k, jobs[k][1])
 
 
 def test_mixed_positions_and_adapters_equal_one_at_a_time(monkeypatch) -> None:
@@ -174,8 +183,8 @@ def test_default_model_batched_equals_alone(monkeypatch) -> None:
         "Explain what a CPU does in one sentence.")]
     # On this path the activations are bf16 (8 significant bits) from layer to layer, and the int4 kernel sums
     # a batch of rows in another order than one row: a last-bit difference early on compounds over 30 layers
-    # to logits within ~1 of each other (of a spread of ~30); the greedy tokens stay the same.
-    check_equal(lm, prompts, monkeypatch, slots=4, max_new=20, atol=1.5)
+    # to logits within ~1 of each other (of a spread of ~30); greedy tokens agree except at near ties.
+    check_equal(lm, prompts, monkeypatch, slots=4, max_new=20, atol=1.5, near_tie=1.5)
 
 
 @pytest.mark.slow
