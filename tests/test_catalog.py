@@ -489,8 +489,8 @@ def test_live_server_follows_the_catalog(stocked, files, home) -> None:
         batch = live.app.state.server.engine.batch
         step = batch.step
 
-        def slow_step():  # a slower model: the request is surely still generating when the removal lands
-            time.sleep(0.004)
+        def slow_step():  # a slower model: the request is surely still generating when the removal lands,
+            time.sleep(0.02)  # even on a loaded CI machine (1500 tokens: at least 30 s)
             return step()
 
         batch.step = slow_step
