@@ -398,6 +398,13 @@ def plot_report(report: Report, png: str | Path) -> Path | None:
         ax.errorbar(vals, ys, xerr=np.nan_to_num(np.stack([lo, hi])), fmt="o", capsize=3)
         ax.set_yticks(ys, [r[0] for r in rows], fontsize=8)
         ax.grid(alpha=0.3, axis="x")
+    return save_figure(fig, png)
+
+
+def save_figure(fig: Any, png: str | Path) -> Path:
+    """Write a matplotlib figure as a PNG atomically (temporary file, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ import numpy as np
 
 from nomoat.errors import NomoatError
 from nomoat.eval.battles import user_turns
+from nomoat.eval.judge_stats import save_figure
 
 SCALE = 400.0  # rating points per factor of 10 in the odds
 INIT = 1000.0  # the anchor's rating (by default, the mean contestant's)
@@ -291,14 +292,7 @@ def plot_ratings(report: Report, png: str | Path) -> Path | None:
     if len(boards) > 1:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name(f".{png.stem}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(png)
-    return png
+    return save_figure(fig, png)
 
 
 # --------------------------------------------------------------------------- which pair the arena asks next
