@@ -189,8 +189,11 @@ def gguf_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_tiny_gguf(lm: LoadedModel, path: Path, arch: str = "llama",
-                    extra: dict[str, np.ndarray] | None = None) -> Path:
-    """Write a (tiny) model as an F32 GGUF the way llama.cpp's converter lays it out (plus `extra` tensors)."""
+                    extra: dict[str, np.ndarray] | None = None, linear_type: str | None = None,
+                    embed_type: str | None = None) -> Path:
+    """Write a (tiny) model as an F32 GGUF the way llama.cpp's converter lays it out (plus `extra` tensors);
+    `linear_type` / `embed_type` (e.g. "Q4_1", "Q8_0") quantize the layers' linear weights / the embedding
+    with gguf's own quantizer."""
     import gguf
 
     from nomoat.model.registry import LLAMA
@@ -229,6 +232,12 @@ def write_tiny_gguf(lm: LoadedModel, path: Path, arch: str = "llama",
             a = gguf_permute(a, cfg.num_attention_heads)
         elif name.endswith("k_proj.weight"):
             a = gguf_permute(a, cfg.num_key_value_heads)
+        qtype = embed_type if name == "model.embed_tokens.weight" else linear_type if LLAMA.is_linear(name) else None
+        if qtype:
+            kind = gguf.GGMLQuantizationType[qtype]
+            w.add_tensor(LLAMA.hf_to_gguf_name(name), gguf.quants.quantize(np.ascontiguousarray(a), kind),
+                         raw_dtype=kind)
+            continue
         w.add_tensor(LLAMA.hf_to_gguf_name(name), np.ascontiguousarray(a))
     for name, a in (extra or {}).items():
         w.add_tensor(name, a)

@@ -15,8 +15,11 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "nomoat"
 
 # package (or module) -> nomoat packages it must not import
 FORBIDDEN = {
-    "model": ("formats", "runtime", "lora", "quant", "adapters", "data", "train", "eval", "serve", "cli", "api",
-              "catalog"),
+    "model": ("formats", "runtime", "lora", "quant", "kernels", "adapters", "data", "train", "eval", "serve", "cli",
+              "api", "catalog"),
+    # The native kernels know arrays and pointers only: no model, no file format.
+    "kernels": ("formats", "runtime", "lora", "quant", "model", "adapters", "data", "train", "eval", "serve", "cli",
+                "api", "catalog"),
     "lora": ("formats", "runtime", "adapters", "train", "eval", "serve", "cli", "api", "catalog"),
     "quant": ("formats", "runtime", "lora", "adapters", "train", "eval", "serve", "cli", "api", "catalog"),
     "formats": ("runtime", "adapters", "train", "eval", "serve", "cli", "api", "catalog"),

@@ -79,3 +79,28 @@ def test_next_token_logits_close_to_llama_cpp(llm, q4_lm):
     p, q = ref.log_softmax(-1), ours.log_softmax(-1)
     kl = float((p.exp() * (p - q)).sum())
     assert kl < 0.02, kl
+
+
+def test_fused_decoding_steps_agree_with_llama_cpp(llm, q4_lm):
+    """The one-token decoding path `generate` takes (on this machine the fused native step), fed llama.cpp's
+    greedy continuation a token at a time: llama.cpp's token is nomoat's argmax except at near-ties."""
+    from nomoat.model import KVCache
+
+    disagreements, total, kls = 0, 0, []
+    for prompt in PROMPTS:
+        ids = q4_lm.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        ref, margins = _llama_greedy(llm, ids, 24)
+        cache = KVCache(q4_lm.config, 1, len(ids) + len(ref) + 1)
+        with torch.inference_mode():
+            logits = [q4_lm.model(torch.tensor([ids]), cache=cache, last_only=True)[0, -1].float()]
+            logits += [q4_lm.model(torch.tensor([[t]]), cache=cache)[0, -1].float() for t in ref[:-1]]
+        for step, (ours, b, margin) in enumerate(zip(logits, ref, margins)):
+            total += 1
+            if int(ours.argmax()) != b:
+                disagreements += 1
+                assert margin < 0.5 and float(ours.max() - ours[b]) < 0.5, (prompt, step, margin)
+        for step, ours in enumerate(logits[1:], start=len(ids)):  # the decoding steps' distributions
+            p, q = torch.tensor(llm.scores[step]).log_softmax(-1), ours.log_softmax(-1)
+            kls.append(float((p.exp() * (p - q)).sum()))
+    assert disagreements <= total * 0.1, (disagreements, total)
+    assert sum(kls) / len(kls) < 0.02, kls

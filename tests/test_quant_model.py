@@ -17,7 +17,8 @@ TEXT = ("The river winds through the valley, carrying snow-melt from the mountai
 
 @pytest.fixture(scope="module")
 def q4_lm():
-    return load(quant="auto")
+    """torch's int4/int8 kernels (what QLoRA trains through)."""
+    return load(quant="auto", for_training=True)
 
 
 def test_auto_keeps_q4_blocks_as_int4(q4_lm):
@@ -26,6 +27,26 @@ def test_auto_keeps_q4_blocks_as_int4(q4_lm):
     assert isinstance(layers[29].mlp.down_proj, Int4Linear)
     assert isinstance(q4_lm.model.lm_head, Int8Linear)
     assert q4_lm.weight_types["model.layers.0.self_attn.q_proj.weight"].startswith("Q4_1 -> int4")
+
+
+def test_inference_load_keeps_gguf_blocks_for_the_native_kernels():
+    from nomoat import kernels
+    from nomoat.quant import Q4Linear, Q8Linear
+
+    if kernels.library() is None:
+        pytest.skip(f"native kernels {kernels.status()}")
+    lm = load(quant="auto")
+    layers = lm.model.model.layers
+    assert isinstance(layers[0].self_attn.q_proj, Q4Linear) and isinstance(layers[29].mlp.down_proj, Q4Linear)
+    assert isinstance(lm.model.lm_head, Q8Linear)
+    assert lm.model.lm_head.codes is lm.model.model.embed_tokens.codes  # the tied head shares the table
+    assert lm.weight_types["model.layers.0.self_attn.q_proj.weight"] == "Q4_1 -> q4 (native) (exact blocks)"
+    assert lm.model.fast_decode is not None
+    # The blocks are the file's: dequantized, they equal gguf's own dequantization exactly.
+    ckpt = GGUFModelFile(default_model_path())
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"):
+        ref = ckpt.load_float(f"model.layers.3.{name}.weight", ckpt.config())
+        assert torch.equal(layers[3].get_submodule(name).dequantize(), ref), name
 
 
 @pytest.mark.parametrize("name", ["self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj"])

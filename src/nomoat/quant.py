@@ -21,9 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nomoat import kernels
 from nomoat.errors import NomoatError
 
-__all__ = ["Int4Linear", "Int8Linear", "Q8Embedding", "q4_blocks_to_codes", "q8_0_blocks_to_codes", "quantize_linears"]
+__all__ = ["Int4Linear", "Int8Linear", "Q4Linear", "Q8Linear", "Q8Embedding", "q4_blocks_to_codes",
+           "q8_0_blocks_to_codes", "quantize_linears"]
 
 _BF16 = torch.bfloat16
 # (header bytes, bytes per 32-element block): fp16 d [+ fp16 m] then 16 bytes of nibbles.
@@ -403,6 +405,124 @@ class Int8Linear(_QuantLinear):
         return out
 
 
+# Up to this many rows (decoding, a batch of decoding rows) the native kernels run; longer inputs (prompts)
+# multiply float32 by the dequantized weights, where a float GEMM's reuse of each weight wins.
+NATIVE_MAX_ROWS = 64
+
+
+class _NativeLinear(_QuantLinear):
+    """A layer kept in a GGUF block format and run by nomoat's native kernels (`nomoat.kernels`), which
+    quantize the activations to int8 per block of 32 as llama.cpp does. Inference layers: gradients flow
+    to the input through the dequantized weights."""
+
+    def _native(self, x: Tensor) -> Tensor:  # (M, in) float32 contiguous -> (M, out) float32
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not x.is_floating_point() or x.shape[-1] != self.in_features:
+            raise NomoatError(
+                f"{type(self).__name__}: expected a float input with last dim {self.in_features}, "
+                f"got {x.dtype} {tuple(x.shape)}"
+            )
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).float()
+        if torch.is_grad_enabled() and x2.requires_grad:
+            y = _DequantMatmul.apply(x2, self)
+        elif x2.shape[0] <= NATIVE_MAX_ROWS:
+            y = self._native(x2.contiguous())
+        else:
+            y = F.linear(x2, self.dequantize())
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def _grad_input(self, grad_out: Tensor) -> Tensor:
+        return grad_out.float() @ self.dequantize()
+
+
+class Q4Linear(_NativeLinear):
+    """GGUF Q4_0/Q4_1 weights as the file holds them: w = q * d + m per block of 32 (Q4_0: m = -8d).
+
+    Buffers: ``nib`` uint8 (out, in/2), blocks of 16 bytes with element j in the low nibble of byte j and
+    element j + 16 in its high nibble; ``d``, ``m`` fp16 (out, in/32). ``in_features`` is a multiple of 64.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        if in_features % 64 or in_features <= 0 or out_features <= 0:
+            raise NomoatError(f"Q4Linear: in_features {in_features} must be a positive multiple of 64")
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("nib", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("d", torch.empty(out_features, in_features // 32, dtype=torch.float16))
+        self.register_buffer("m", torch.empty(out_features, in_features // 32, dtype=torch.float16))
+        self.register_buffer("bias", None)
+
+    @property
+    def weight_dtype_name(self) -> str:
+        return "q4 (native)"
+
+    @classmethod
+    def from_blocks(cls, raw: np.ndarray, qtype: str) -> Q4Linear:
+        """From a (rows, blocks * bytes) uint8 array of GGUF Q4_0/Q4_1 blocks, bytes kept as they are."""
+        if qtype not in _Q4_BLOCKS:
+            raise NomoatError(f"Q4Linear: unsupported quant type {qtype!r} (expected Q4_0 or Q4_1)")
+        header, block_bytes = _Q4_BLOCKS[qtype]
+        if raw.ndim != 2 or raw.dtype != np.uint8 or raw.shape[1] % block_bytes:
+            raise NomoatError(f"Q4Linear: expected a uint8 (rows, k*{block_bytes}) array of {qtype} blocks, "
+                              f"got {raw.dtype} {tuple(raw.shape)}")
+        rows, n_blocks = raw.shape[0], raw.shape[1] // block_bytes
+        layer = cls(n_blocks * 32, rows)
+        blocks = raw.reshape(rows, n_blocks, block_bytes)
+        halves = np.ascontiguousarray(blocks[..., :header]).view(np.float16)
+        d = halves[..., 0]
+        m = halves[..., 1] if qtype == "Q4_1" else (d.astype(np.float32) * -8).astype(np.float16)  # exact: x8
+        if not (np.isfinite(d).all() and np.isfinite(m).all()):
+            raise NomoatError("Q4Linear: non-finite block scale")
+        layer.nib = torch.from_numpy(np.ascontiguousarray(blocks[..., header:]).reshape(rows, n_blocks * 16))
+        layer.d = torch.from_numpy(np.ascontiguousarray(d))
+        layer.m = torch.from_numpy(np.ascontiguousarray(m))
+        return layer
+
+    def _native(self, x: Tensor) -> Tensor:
+        return kernels.q4_matmul(x, self.nib, self.d, self.m)
+
+    def dequantize(self) -> Tensor:
+        """fp32 (out, in) weight, exactly as gguf dequantizes the blocks."""
+        n, g = self.out_features, self.in_features // 32
+        b = self.nib.view(n, g, 16)
+        codes = torch.cat([b & 0x0F, b >> 4], dim=-1).float()
+        return (codes * self.d.float()[..., None] + self.m.float()[..., None]).view(n, self.in_features)
+
+
+class Q8Linear(_NativeLinear):
+    """GGUF Q8_0 weights as the file holds them: w = q * d per block of 32.
+
+    Buffers: ``codes`` int8 (out, in), ``scales`` fp16 (out, in/32); a tied output head shares them with
+    its `Q8Embedding` (no second copy of the largest table).
+    """
+
+    def __init__(self, codes: Tensor, scales: Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        if self.in_features % 64:
+            raise NomoatError(f"Q8Linear: in_features {self.in_features} must be a multiple of 64")
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", None)
+
+    @property
+    def weight_dtype_name(self) -> str:
+        return "q8_0 (native)"
+
+    def _native(self, x: Tensor) -> Tensor:
+        return kernels.q8_matmul(x, self.codes, self.scales)
+
+    def dequantize(self) -> Tensor:
+        c, s = self.codes.float(), self.scales.float()
+        return (c.view(c.shape[0], -1, 32) * s.unsqueeze(-1)).view(c.shape)
+
+
 def quantize_linears(
     module: nn.Module, mode: str, group_size: int = 32, skip: Callable[[str], bool] | None = None
 ) -> int:
@@ -460,6 +580,15 @@ def fuse_rows(layers: list[nn.Module]) -> nn.Module | None:
         fused = Int4Linear(first.in_features, out, first.group_size)
         fused.qweight = torch.cat([m.qweight for m in layers])
         fused.scales_and_zeros = torch.cat([m.scales_and_zeros for m in layers], dim=1).contiguous()
+    elif isinstance(first, Q4Linear):
+        fused = Q4Linear(first.in_features, out)
+        fused.nib = torch.cat([m.nib for m in layers])
+        fused.d, fused.m = torch.cat([m.d for m in layers]), torch.cat([m.m for m in layers])
+        start = 0
+        for m in layers:  # the parts keep working on row slices of the fused buffers
+            m.nib, m.d, m.m = (t[start:start + m.out_features] for t in (fused.nib, fused.d, fused.m))
+            start += m.out_features
+        return fused
     elif isinstance(first, Int8Linear):
         fused = Int8Linear(first.in_features, out)
         fused.qweight = torch.cat([m.qweight for m in layers])
@@ -472,4 +601,3 @@ def fuse_rows(layers: list[nn.Module]) -> nn.Module | None:
         m.qweight = fused.qweight[start:start + m.out_features]
         start += m.out_features
     return fused
-    return None

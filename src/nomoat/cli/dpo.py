@@ -115,7 +115,8 @@ def dpo(
     else:
         cfg.dtype = saved_config(out_dir).base_dtype()  # the reference values depend on it
     with status("loading model..."):
-        lm = load(model, dtype=cfg.base_dtype(), threads=threads, quant="q4" if qlora else "none")
+        lm = load(model, dtype=cfg.base_dtype(), threads=threads, quant="q4" if qlora else "none",
+                  for_training=True)
     summary = run_with_progress(lambda on_step, say: train_dpo(lm, cfg, resume=resume is not None,
                                                                overwrite=overwrite, on_step=on_step, on_message=say),
                                 extra=progress_figures())

@@ -133,7 +133,8 @@ def finetune(
         cfg.check()
     check_out(out_dir, resume=resume is not None, overwrite=overwrite)  # before minutes of loading
     with status("loading model..."):
-        lm = load(model, dtype=cfg.base_dtype(), threads=threads, quant="q4" if qlora else "none")
+        lm = load(model, dtype=cfg.base_dtype(), threads=threads, quant="q4" if qlora else "none",
+                  for_training=True)
     check_register(register, lm)  # before minutes of training
     summary = run_with_progress(lambda on_step, say: run(lm, cfg, resume=resume is not None, overwrite=overwrite,
                                                          on_step=on_step, on_message=say))

@@ -298,6 +298,10 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = Rotary(cfg)
         self.gradient_checkpointing = False
+        # A faster one-token step for a single sequence, set by the loader when it has one: called as
+        # fast_decode(model, input_ids, cache) -> final hidden states, or None when it cannot serve this
+        # call (an adapter attached, another cache kind), and the step below runs instead.
+        self.fast_decode: Callable | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -324,6 +328,11 @@ class LlamaForCausalLM(nn.Module):
         B, T = input_ids.shape
         if isinstance(cache, SlotCache):
             return self._slot_step(input_ids, cache)
+        if (self.fast_decode is not None and T == 1 and B == 1 and cache is not None and position_ids is None
+                and attention_mask is None and not torch.is_grad_enabled()):
+            h = self.fast_decode(self, input_ids, cache)
+            if h is not None:
+                return h
         past = cache.pos if cache is not None else 0
         if cache is not None and past + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} tokens, asked for {past + T}")

@@ -166,6 +166,8 @@ class CpuPlan:
             0: never (with hardware BF16 the kernel is as fast).
         float_dtype: dtype for unquantized inference: "float32".
         threads: Intra-op threads.
+        native_kernels: Whether GGUF Q4/Q8_0 weights run on nomoat's native kernels (`nomoat.kernels`,
+            built for this CPU on first use) rather than torch's int4/int8 ones, for inference.
         reasons: Path name -> "value: why", one line each.
     """
 
@@ -176,6 +178,7 @@ class CpuPlan:
     threads: int
     float_matmul_rows: int = 0
     reasons: dict[str, str] = field(default_factory=dict)
+    native_kernels: bool = False
 
     def lines(self) -> list[str]:
         """Lines like "train dtype: bfloat16 (the CPU has AVX-512 BF16)" for `nomoat info` and logs."""
@@ -231,6 +234,9 @@ def plan_for(features: CpuFeatures | None = None, threads: int | None = None) ->
         act, act_why = "float32", "no hardware BF16: bf16 between the kernels would be emulated"
         rows, rows_why = 128, "float32 over dequantized weights from 128 rows (prompts, training): faster here"
     float_why = "full precision for unquantized weights"
+    from nomoat import kernels
+
+    native = kernels.library() is not None
     reasons = {
         "train dtype": f"{train_dtype}: {bf16_why}",
         "quant kernel": f"int4: {kernel_why}",
@@ -238,9 +244,10 @@ def plan_for(features: CpuFeatures | None = None, threads: int | None = None) ->
         "float matmul rows": f"{rows or 'never'}: {rows_why.removeprefix('never: ')}",
         "float dtype": f"float32: {float_why}",
         "threads": f"{threads}: {threads_why}",
+        "native kernels": kernels.status().replace(" (", ": ", 1).removesuffix(")"),
     }
     return CpuPlan(train_dtype=train_dtype, quant_kernel="int4", activation_dtype=act, float_dtype="float32",
-                   threads=threads, float_matmul_rows=rows, reasons=reasons)
+                   threads=threads, float_matmul_rows=rows, reasons=reasons, native_kernels=native)
 
 
 def _checked(threads: int) -> int:

@@ -207,10 +207,21 @@ def plan_linear(ckpt: GGUFModelFile | HFModelDir, name: str, mode: str) -> Linea
     return LinearPlan(qtype, "int8", "" if qtype == "Q8_0" else "requantized")
 
 
-def _quantized_linear(ckpt, cfg: LlamaConfig, name: str, plan: LinearPlan) -> torch.nn.Module:
-    """The quantized layer for one weight, made as `plan` says."""
-    from nomoat.quant import Int4Linear, Int8Linear, q4_blocks_to_codes
+def _quantized_linear(ckpt, cfg: LlamaConfig, name: str, plan: LinearPlan, native: bool) -> torch.nn.Module:
+    """The quantized layer for one weight, made as `plan` says; `native`: GGUF Q4/Q8_0 blocks stay as they
+    are and run on nomoat's native kernels."""
+    from nomoat.quant import Int4Linear, Int8Linear, Q4Linear, Q8Linear, q4_blocks_to_codes, q8_0_blocks_to_codes
 
+    in_f = ckpt.shape(name)[1]
+    if native and in_f % 64 == 0 and isinstance(ckpt, GGUFModelFile) and plan.source in ("Q4_0", "Q4_1", "Q8_0") \
+            and plan.how != "requantized":
+        raw = ckpt.block_data(name)
+        order = ckpt.row_order(name, cfg)
+        if order is not None:
+            raw = raw[order.numpy()]
+        if plan.source == "Q8_0":
+            return Q8Linear(*q8_0_blocks_to_codes(raw))
+        return Q4Linear.from_blocks(raw, plan.source)
     if plan.how == "exact codes":
         codes, scale, offset = q4_blocks_to_codes(ckpt.block_data(name), plan.source)
         order = ckpt.row_order(name, cfg)
@@ -221,6 +232,15 @@ def _quantized_linear(ckpt, cfg: LlamaConfig, name: str, plan: LinearPlan) -> to
     if plan.kind == "int4":
         return Int4Linear.from_float(w, group_size=32)
     return Int8Linear.from_float(w)
+
+
+def _described(plan: LinearPlan, module: torch.nn.Module) -> str:
+    """What runs a weight, for `weight_types`: the plan, or the native kernel that took the blocks as they are."""
+    from nomoat.quant import Q4Linear, Q8Linear
+
+    if isinstance(module, (Q4Linear, Q8Linear)):
+        return f"{plan.source} -> {module.weight_dtype_name} ({'tied, ' if plan.how == 'tied' else ''}exact blocks)"
+    return str(plan)
 
 
 def quantizes(ckpt: GGUFModelFile | HFModelDir, mode: str) -> bool:
@@ -244,7 +264,7 @@ def weight_plan(ckpt: GGUFModelFile | HFModelDir, mode: str) -> dict[str, Linear
 
 
 def load(path: str | Path | None = None, *, dtype: str | None = None, quant: str = "none",
-         threads: int | None = None) -> LoadedModel:
+         threads: int | None = None, for_training: bool = False) -> LoadedModel:
     """Load a LLaMA-family model from a GGUF file or HF directory (the default model when None).
 
     quant: "none" keeps float weights in `dtype`; "q4"/"q8" run every linear layer (and the output
@@ -253,6 +273,9 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, quant: str
     dtype (bf16 with hardware BF16, else float32) whatever `dtype` says.
     dtype: float32 / bfloat16 / float16; None takes the CPU plan's choice for inference (float32).
     threads: None takes the cores free of other work (`nomoat.runtime.cpu`).
+    for_training: keep torch's int4 kernels (QLoRA trains through them); otherwise GGUF Q4_0/Q4_1/Q8_0
+    weights run on nomoat's native kernels when this machine can build them (`nomoat.kernels`), with
+    a fused one-token decoding step.
     """
     from nomoat.runtime.cpu import apply_threads
 
@@ -273,6 +296,7 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, quant: str
     modules: dict[str, torch.nn.Module] = {}
     types = {n: ckpt.qtype(n) for n in names}
     plans = weight_plan(ckpt, quant) if quantize else {}
+    native = quantize and not for_training and cpu.native_kernels
     for k, n in enumerate(names):
         if k % 16 == 15:
             # The conversions' temporaries and the file pages read so far, before they pile up into the peak.
@@ -280,19 +304,22 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, quant: str
             if isinstance(ckpt, GGUFModelFile):
                 ckpt.drop_pages()
         if n in plans:
-            modules[n.removesuffix(".weight")] = _quantized_linear(ckpt, cfg, n, plans[n])
-            types[n] = str(plans[n])
+            mod = modules[n.removesuffix(".weight")] = _quantized_linear(ckpt, cfg, n, plans[n], native)
+            types[n] = _described(plans[n], mod)
             continue
         if n == "model.embed_tokens.weight" and quantize and types[n] == "Q8_0" and isinstance(ckpt, GGUFModelFile):
             # Keep the table in its 8-bit blocks and gather rows; the tied head is built from them a block of
             # rows at a time. No float copy of the largest tensor of a small model is ever made.
-            from nomoat.quant import Int8Linear, Q8Embedding, q8_0_blocks_to_codes
+            from nomoat.quant import Int8Linear, Q8Embedding, Q8Linear, q8_0_blocks_to_codes
 
             emb = Q8Embedding(*q8_0_blocks_to_codes(ckpt.block_data(n)), dtype=torch_dtype)
             modules["model.embed_tokens"] = emb
             if "lm_head.weight" in plans and "lm_head.weight" not in names:
-                modules["lm_head"] = Int8Linear.from_rows(emb.dequantize, cfg.vocab_size, cfg.hidden_size)
-                types["lm_head.weight"] = str(plans["lm_head.weight"])
+                if native and cfg.hidden_size % 64 == 0:  # the head reads the table's own blocks: no copy
+                    modules["lm_head"] = Q8Linear(emb.codes, emb.scales)
+                else:
+                    modules["lm_head"] = Int8Linear.from_rows(emb.dequantize, cfg.vocab_size, cfg.hidden_size)
+                types["lm_head.weight"] = _described(plans["lm_head.weight"], modules["lm_head"])
             continue
         w = ckpt.load_float(n, cfg)
         if n == "model.embed_tokens.weight" and "lm_head.weight" in plans and "lm_head.weight" not in names:
@@ -313,6 +340,10 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, quant: str
 
         fuse_projections(model, fuse_rows)
         set_float_matmul_rows(model, cpu.float_matmul_rows)
+        if native:
+            from nomoat.runtime.fused_decode import FusedDecode
+
+            model.fast_decode = FusedDecode.for_model(model)
     _release_freed_memory()
     if isinstance(ckpt, GGUFModelFile):
         ckpt.drop_pages()  # every tensor is converted or copied by now

@@ -1,0 +1,487 @@
+/* nomoat's native CPU kernels, compiled on the user's machine for its own instruction set.
+ *
+ * - Q4 (GGUF Q4_0/Q4_1 blocks: 32 weights, w = q * d + m, q in 0..15) and Q8_0 (w = q * d, q int8)
+ *   matrix products for a few rows of activations. The activations are quantized to int8 per block of 32
+ *   (as llama.cpp does), so each block is one integer dot product: with AVX-512 VNNI one vpdpbusd per 64
+ *   weights, with AVX2 maddubs + madd per 32. A row of weights is read once for all activation rows.
+ * - One fused decoding step of a LLaMA layer stack for a single sequence (norms, q/k/v, rotary,
+ *   KV cache, attention, output, SwiGLU), so a token costs one call instead of ~2,000 small torch ops.
+ *
+ * Weights keep GGUF's bytes: per row, blocks of 16 nibble bytes (byte j holds element j in its low
+ * nibble and element j + 16 in its high one), with fp16 d and m per block in separate arrays.
+ * Rows are split between OpenMP threads (the process's libgomp, the one torch uses).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define QK 32
+#define MAXM 8 /* activation rows per pass over the weights */
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define NM_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define NM_AVX2 1
+#else
+#error "nomoat native kernels need AVX2, FMA and F16C (or AVX-512 VNNI)"
+#endif
+
+const char *nm_isa(void) {
+#ifdef NM_AVX512
+    return "avx512-vnni";
+#else
+    return "avx2";
+#endif
+}
+
+int nm_version(void) { return 1; }
+
+typedef struct {
+    const uint8_t *nib;  /* (n, k/2) nibbles, GGUF block order */
+    const uint16_t *d;   /* (n, k/32) fp16 */
+    const uint16_t *m;   /* (n, k/32) fp16 */
+    int n, k;
+} q4mat;
+
+static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
+
+/* ---------------------------------------------------------------- activations -> int8 blocks */
+
+#ifdef NM_AVX512
+/* The AVX-512 Q4 kernel unpacks 64 nibble bytes (4 blocks) into their low halves [b0 0-15, b1 0-15, b2 0-15,
+ * b3 0-15] and high halves [b0 16-31, ...]; activations are laid out the same way, per 4 blocks, and the
+ * last 2 blocks of a row whose block count is not a multiple of 4 as [b0 0-15, b1 0-15, b0 16-31, b1 16-31]. */
+static void q4_order(const int8_t *q, int G, int8_t *out) {
+    int b = 0;
+    for (; b + 4 <= G; b += 4)
+        for (int j = 0; j < 4; j++) {
+            memcpy(out + b * QK + j * 16, q + (b + j) * QK, 16);
+            memcpy(out + b * QK + 64 + j * 16, q + (b + j) * QK + 16, 16);
+        }
+    for (; b + 2 <= G; b += 2)
+        for (int j = 0; j < 2; j++) {
+            memcpy(out + b * QK + j * 16, q + (b + j) * QK, 16);
+            memcpy(out + b * QK + 32 + j * 16, q + (b + j) * QK + 16, 16);
+        }
+}
+#endif
+
+/* x (k floats) -> int8 codes per block of 32, block scales xd and xd * sum(codes) per block; `q4` asks for
+ * the Q4 kernel's order (see q4_order), else blocks stay in natural order. */
+static void quantize_act(const float *x, int k, int8_t *q, float *xd, float *xs, int q4) {
+    int8_t tmp[4096];
+    int8_t *dst = q;
+#ifdef NM_AVX512
+    if (q4) dst = k <= 4096 ? tmp : malloc((size_t)k);
+#else
+    (void)q4;
+#endif
+    for (int b = 0; b < k / QK; b++) {
+        const float *xb = x + b * QK;
+        float amax = 0.f;
+        for (int j = 0; j < QK; j++) {
+            float a = fabsf(xb[j]);
+            amax = a > amax ? a : amax;
+        }
+        float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+        int sum = 0;
+        for (int j = 0; j < QK; j++) {
+            int v = (int)nearbyintf(xb[j] * id);
+            dst[b * QK + j] = (int8_t)v;
+            sum += v;
+        }
+        xd[b] = d;
+        xs[b] = d * (float)sum;
+    }
+#ifdef NM_AVX512
+    if (q4) {
+        q4_order(dst, k / QK, q);
+        if (dst != tmp) free(dst);
+    }
+#endif
+}
+
+/* ---------------------------------------------------------------- Q4 rows */
+
+#ifdef NM_AVX512
+/* One output row's dot products with `mr` activation rows, 4 blocks (128 weights) per step. */
+static inline void q4_row_avx512(const uint8_t *wn, const uint16_t *dn, const uint16_t *mn, int G, int k, int mr,
+                                 const int8_t *xq, const float *xd, const float *xs, __m512 *acc) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    const __m512i quad = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+    for (int r = 0; r < mr; r++) acc[r] = _mm512_setzero_ps();
+    for (int c = 0; c < G; c += 16) {
+        int ng = G - c < 16 ? G - c : 16;
+        __mmask16 km = (__mmask16)((1u << ng) - 1);
+        __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, dn + c));
+        __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, mn + c));
+        __m512 sc[MAXM];
+        for (int r = 0; r < mr; r++) {
+            sc[r] = _mm512_mul_ps(dv, _mm512_maskz_loadu_ps(km, xd + (size_t)r * G + c));
+            acc[r] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(km, xs + (size_t)r * G + c), acc[r]);
+        }
+        int p = 0;
+        for (; p + 4 <= ng; p += 4) {
+            __m512i v = _mm512_loadu_si512((const void *)(wn + (size_t)(c + p) * 16));
+            __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            __m512i idx = _mm512_add_epi32(quad, _mm512_set1_epi32(p));
+            for (int r = 0; r < mr; r++) {
+                const int8_t *xr = xq + (size_t)r * k + (size_t)(c + p) * QK;
+                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)xr));
+                dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512((const void *)(xr + 64)));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx, sc[r]), acc[r]);
+            }
+        }
+        for (; p + 2 <= ng; p += 2) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(wn + (size_t)(c + p) * 16));
+            __m256i l4 = _mm256_set1_epi8(0x0F);
+            __m256i lo = _mm256_and_si256(v, l4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), l4);
+            __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+            __m512i idx = _mm512_add_epi32(pair, _mm512_set1_epi32(p));
+            for (int r = 0; r < mr; r++) {
+                __m512i xv = _mm512_loadu_si512((const void *)(xq + (size_t)r * k + (size_t)(c + p) * QK));
+                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx, sc[r]), acc[r]);
+            }
+        }
+    }
+}
+#endif
+
+/* y[r * ldy + i] = sum_k x_r[k] * w_i[k] for output rows i in [i0, i1), activation rows r < mr. */
+static void q4_rows(const q4mat *W, int i0, int i1, int mr, const int8_t *xq, const float *xd,
+                    const float *xs, float *y, int ldy) {
+    const int k = W->k, G = k / QK;
+#ifdef NM_AVX512
+    int i = i0;
+    if (mr == 1) /* four output rows at once: independent chains keep the vector units busy */
+        for (; i + 4 <= i1; i += 4) {
+            __m512 a0, a1, a2, a3;
+            q4_row_avx512(W->nib + (size_t)i * (k / 2), W->d + (size_t)i * G, W->m + (size_t)i * G, G, k, 1, xq, xd, xs, &a0);
+            q4_row_avx512(W->nib + (size_t)(i + 1) * (k / 2), W->d + (size_t)(i + 1) * G, W->m + (size_t)(i + 1) * G, G, k, 1, xq, xd, xs, &a1);
+            q4_row_avx512(W->nib + (size_t)(i + 2) * (k / 2), W->d + (size_t)(i + 2) * G, W->m + (size_t)(i + 2) * G, G, k, 1, xq, xd, xs, &a2);
+            q4_row_avx512(W->nib + (size_t)(i + 3) * (k / 2), W->d + (size_t)(i + 3) * G, W->m + (size_t)(i + 3) * G, G, k, 1, xq, xd, xs, &a3);
+            y[i] = _mm512_reduce_add_ps(a0);
+            y[i + 1] = _mm512_reduce_add_ps(a1);
+            y[i + 2] = _mm512_reduce_add_ps(a2);
+            y[i + 3] = _mm512_reduce_add_ps(a3);
+        }
+    for (; i < i1; i++) {
+        __m512 acc[MAXM];
+        q4_row_avx512(W->nib + (size_t)i * (k / 2), W->d + (size_t)i * G, W->m + (size_t)i * G, G, k, mr, xq, xd, xs, acc);
+        for (int r = 0; r < mr; r++) y[(size_t)r * ldy + i] = _mm512_reduce_add_ps(acc[r]);
+    }
+#else
+    const __m128i low = _mm_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int i = i0; i < i1; i++) {
+        const uint8_t *wn = W->nib + (size_t)i * (k / 2);
+        const uint16_t *dn = W->d + (size_t)i * G, *mn = W->m + (size_t)i * G;
+        __m256 acc[MAXM];
+        float mt[MAXM];
+        for (int r = 0; r < mr; r++) acc[r] = _mm256_setzero_ps(), mt[r] = 0.f;
+        for (int g = 0; g < G; g++) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(wn + (size_t)g * 16));
+            __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low), _mm_and_si128(v, low));
+            float dg = h2f(dn[g]), mg = h2f(mn[g]);
+            for (int r = 0; r < mr; r++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * k + (size_t)g * QK));
+                __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dg * xd[(size_t)r * G + g]), acc[r]);
+                mt[r] += mg * xs[(size_t)r * G + g];
+            }
+        }
+        for (int r = 0; r < mr; r++) {
+            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+            s = _mm_hadd_ps(s, s);
+            s = _mm_hadd_ps(s, s);
+            y[(size_t)r * ldy + i] = _mm_cvtss_f32(s) + mt[r];
+        }
+    }
+#endif
+}
+
+/* ---------------------------------------------------------------- Q8_0 rows */
+
+static void q8_rows(const int8_t *codes, const uint16_t *scales, int k, int i0, int i1, int mr,
+                    const int8_t *xq, const float *xd, float *y, int ldy) {
+    const int G = k / QK;
+#ifdef NM_AVX512
+    const __m512i base = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i zero = _mm512_setzero_si512();
+    for (int i = i0; i < i1; i++) {
+        const int8_t *wn = codes + (size_t)i * k;
+        const uint16_t *dn = scales + (size_t)i * G;
+        __m512 acc[MAXM];
+        for (int r = 0; r < mr; r++) acc[r] = _mm512_setzero_ps();
+        for (int c = 0; c < G; c += 16) {
+            int ng = G - c < 16 ? G - c : 16;
+            __mmask16 km = (__mmask16)((1u << ng) - 1);
+            __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, dn + c));
+            __m512 sc[MAXM];
+            for (int r = 0; r < mr; r++) sc[r] = _mm512_mul_ps(dv, _mm512_maskz_loadu_ps(km, xd + (size_t)r * G + c));
+            for (int p = 0; p < ng; p += 2) {
+                __m512i w = _mm512_loadu_si512((const void *)(wn + (size_t)(c + p) * QK));
+                __m512i aw = _mm512_abs_epi8(w);
+                __mmask64 neg = _mm512_movepi8_mask(w);
+                __m512i idx = _mm512_add_epi32(base, _mm512_set1_epi32(p));
+                for (int r = 0; r < mr; r++) {
+                    __m512i xv = _mm512_loadu_si512((const void *)(xq + (size_t)r * k + (size_t)(c + p) * QK));
+                    xv = _mm512_mask_sub_epi8(xv, neg, zero, xv);
+                    __m512i dot = _mm512_dpbusd_epi32(zero, aw, xv);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx, sc[r]), acc[r]);
+                }
+            }
+        }
+        for (int r = 0; r < mr; r++) y[(size_t)r * ldy + i] = _mm512_reduce_add_ps(acc[r]);
+    }
+#else
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int i = i0; i < i1; i++) {
+        const int8_t *wn = codes + (size_t)i * k;
+        const uint16_t *dn = scales + (size_t)i * G;
+        __m256 acc[MAXM];
+        for (int r = 0; r < mr; r++) acc[r] = _mm256_setzero_ps();
+        for (int g = 0; g < G; g++) {
+            __m256i w = _mm256_loadu_si256((const __m256i *)(wn + (size_t)g * QK));
+            __m256i aw = _mm256_sign_epi8(w, w);
+            float dg = h2f(dn[g]);
+            for (int r = 0; r < mr; r++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * k + (size_t)g * QK));
+                __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), ones);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dg * xd[(size_t)r * G + g]), acc[r]);
+            }
+        }
+        for (int r = 0; r < mr; r++) {
+            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+            s = _mm_hadd_ps(s, s);
+            s = _mm_hadd_ps(s, s);
+            y[(size_t)r * ldy + i] = _mm_cvtss_f32(s);
+        }
+    }
+#endif
+}
+
+/* Split [0, n) between the team, in multiples of 16 rows. */
+static void share(int n, int tid, int nth, int *i0, int *i1) {
+    int blocks = (n + 15) / 16, per = blocks / nth, extra = blocks % nth;
+    int b0 = tid * per + (tid < extra ? tid : extra), b1 = b0 + per + (tid < extra);
+    *i0 = b0 * 16 < n ? b0 * 16 : n;
+    *i1 = b1 * 16 < n ? b1 * 16 : n;
+}
+
+static int team_size(long work, int threads) {
+    return work < (1L << 16) || threads < 1 ? 1 : threads; /* a tiny product is cheaper than waking a thread */
+}
+
+/* ---------------------------------------------------------------- public matrix products */
+
+/* y (m, n) = x (m, k) @ W.T for Q4 weights; k a multiple of 64. Returns 0. */
+int nm_q4_matmul(const uint8_t *nib, const uint16_t *d, const uint16_t *mn, int n, int k, const float *x, int m,
+                 float *y, int threads) {
+    q4mat W = {nib, d, mn, n, k};
+    int G = k / QK;
+    int8_t *xq = malloc((size_t)m * k);
+    float *xd = malloc(sizeof(float) * (size_t)m * G), *xs = malloc(sizeof(float) * (size_t)m * G);
+    if (!xq || !xd || !xs) return free(xq), free(xd), free(xs), -1;
+    for (int r = 0; r < m; r++) quantize_act(x + (size_t)r * k, k, xq + (size_t)r * k, xd + (size_t)r * G, xs + (size_t)r * G, 1);
+#pragma omp parallel num_threads(team_size((long)n * k * m, threads))
+    {
+        int i0, i1;
+        share(n, omp_get_thread_num(), omp_get_num_threads(), &i0, &i1);
+        for (int r0 = 0; r0 < m; r0 += MAXM) {
+            int mr = m - r0 < MAXM ? m - r0 : MAXM;
+            q4_rows(&W, i0, i1, mr, xq + (size_t)r0 * k, xd + (size_t)r0 * G, xs + (size_t)r0 * G, y + (size_t)r0 * n, n);
+        }
+    }
+    free(xq), free(xd), free(xs);
+    return 0;
+}
+
+/* y (m, n) = x (m, k) @ W.T for Q8_0 weights (codes (n, k) int8, scales (n, k/32) fp16); k a multiple of 64. */
+int nm_q8_matmul(const int8_t *codes, const uint16_t *scales, int n, int k, const float *x, int m, float *y,
+                 int threads) {
+    int G = k / QK;
+    int8_t *xq = malloc((size_t)m * k);
+    float *xd = malloc(sizeof(float) * (size_t)m * G), *xs = malloc(sizeof(float) * (size_t)m * G);
+    if (!xq || !xd || !xs) return free(xq), free(xd), free(xs), -1;
+    for (int r = 0; r < m; r++) quantize_act(x + (size_t)r * k, k, xq + (size_t)r * k, xd + (size_t)r * G, xs + (size_t)r * G, 0);
+#pragma omp parallel num_threads(team_size((long)n * k * m, threads))
+    {
+        int i0, i1;
+        share(n, omp_get_thread_num(), omp_get_num_threads(), &i0, &i1);
+        for (int r0 = 0; r0 < m; r0 += MAXM) {
+            int mr = m - r0 < MAXM ? m - r0 : MAXM;
+            q8_rows(codes, scales, k, i0, i1, mr, xq + (size_t)r0 * k, xd + (size_t)r0 * G, y + (size_t)r0 * n, n);
+        }
+    }
+    free(xq), free(xd), free(xs);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- the fused decoding step */
+
+/* e^x for x <= 0 (softmax after subtracting the max, and SiLU's e^-|g|), vectorizable; relative error ~2e-7. */
+static inline float exp_neg(float x) {
+    x = x < -87.f ? -87.f : x;
+    float n = floorf(x * 1.44269504f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
+               1.6666665459e-1f) * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    union { int32_t i; float f; } s = {.i = ((int32_t)n + 127) << 23};
+    return p * s.f;
+}
+
+typedef struct {
+    q4mat qkv, o, gate_up, down; /* q/k/v rows in one matrix, gate then up in one */
+    const float *ln1, *ln2;      /* norm weights (hidden) */
+    float *k_cache, *v_cache;    /* this layer's [kv_heads, max_len, head_dim], batch row 0 */
+} nm_layer;
+
+typedef struct {
+    int layers, hidden, heads, kv_heads, head_dim, ffn, max_len;
+    float eps;
+} nm_shape;
+
+static void rms_norm(const float *x, const float *w, float *out, int n, float eps) {
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    float s = 1.f / sqrtf(ss / (float)n + eps);
+#pragma omp simd
+    for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * s);
+}
+
+static void rotate(float *v, const float *cos, const float *sin, int hd) {
+    int h = hd / 2;
+    for (int i = 0; i < h; i++) {
+        float a = v[i], b = v[i + h];
+        v[i] = a * cos[i] - b * sin[i];
+        v[i + h] = b * cos[i + h] + a * sin[i + h];
+    }
+}
+
+/* Attention of query head `h` over positions 0..len-1 of its KV head; out (head_dim). */
+static void attend(const float *q, const float *kc, const float *vc, int len, int hd, float *scores, float *out) {
+    float scale = 1.f / sqrtf((float)hd), mx = -INFINITY;
+    for (int t = 0; t < len; t++) {
+        const float *kt = kc + (size_t)t * hd;
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int j = 0; j < hd; j++) s += q[j] * kt[j];
+        s *= scale;
+        scores[t] = s;
+        mx = s > mx ? s : mx;
+    }
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int t = 0; t < len; t++) {
+        float e = exp_neg(scores[t] - mx);
+        scores[t] = e;
+        sum += e;
+    }
+    for (int j = 0; j < hd; j++) out[j] = 0.f;
+    for (int t = 0; t < len; t++) {
+        const float *vt = vc + (size_t)t * hd;
+        float p = scores[t];
+#pragma omp simd
+        for (int j = 0; j < hd; j++) out[j] += p * vt[j];
+    }
+    float inv = 1.f / sum;
+    for (int j = 0; j < hd; j++) out[j] *= inv;
+}
+
+/* One token through every layer: x (hidden) in place, position `pos` (its K/V are written there).
+ * cos/sin: the rotary tables' row for `pos` (head_dim each). norm: the final norm's weight, applied to x
+ * at the end (NULL: none). Returns 0, or -1 when out of memory. */
+int nm_decode(const nm_shape *S, const nm_layer *L, int pos, const float *cos, const float *sin, const float *norm,
+              float *x, int threads) {
+    const int H = S->hidden, hd = S->head_dim, nq = S->heads * hd, nkv = S->kv_heads * hd, F = S->ffn;
+    const int rep = S->heads / S->kv_heads, len = pos + 1, kmax = H > F ? H : (F > nq ? F : nq);
+    const int nqkv = nq + 2 * nkv;
+    float *h = malloc(sizeof(float) * (size_t)kmax), *qkv = malloc(sizeof(float) * (size_t)nqkv);
+    float *att = malloc(sizeof(float) * (size_t)nq), *gu = malloc(sizeof(float) * 2 * (size_t)F);
+    float *o = malloc(sizeof(float) * (size_t)H);
+    float *scores = malloc(sizeof(float) * (size_t)S->heads * len);
+    int8_t *xq = malloc((size_t)kmax);
+    float *xd = malloc(sizeof(float) * (size_t)kmax / QK), *xs = malloc(sizeof(float) * (size_t)kmax / QK);
+    int rc = 0;
+    if (!h || !qkv || !att || !gu || !o || !scores || !xq || !xd || !xs) {
+        rc = -1;
+        goto done;
+    }
+#pragma omp parallel num_threads(threads < 1 ? 1 : threads)
+    {
+        const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        int i0, i1;
+        for (int l = 0; l < S->layers; l++) {
+            const nm_layer *ly = &L[l];
+            float *kc = ly->k_cache, *vc = ly->v_cache;
+            size_t stride = (size_t)S->max_len * hd; /* between KV heads */
+            if (tid == 0) {
+                rms_norm(x, ly->ln1, h, H, S->eps);
+                quantize_act(h, H, xq, xd, xs, 1);
+            }
+#pragma omp barrier
+            share(nqkv, tid, nth, &i0, &i1);
+            q4_rows(&ly->qkv, i0, i1, 1, xq, xd, xs, qkv, nqkv);
+#pragma omp barrier
+            if (tid == 0) {
+                for (int a = 0; a < S->heads; a++) rotate(qkv + a * hd, cos, sin, hd);
+                for (int a = 0; a < S->kv_heads; a++) {
+                    rotate(qkv + nq + a * hd, cos, sin, hd);
+                    memcpy(kc + a * stride + (size_t)pos * hd, qkv + nq + a * hd, sizeof(float) * hd);
+                    memcpy(vc + a * stride + (size_t)pos * hd, qkv + nq + nkv + a * hd, sizeof(float) * hd);
+                }
+            }
+#pragma omp barrier
+#pragma omp for schedule(static)
+            for (int a = 0; a < S->heads; a++)
+                attend(qkv + a * hd, kc + (a / rep) * stride, vc + (a / rep) * stride, len, hd, scores + (size_t)a * len,
+                       att + a * hd);
+            if (tid == 0) quantize_act(att, nq, xq, xd, xs, 1);
+#pragma omp barrier
+            share(H, tid, nth, &i0, &i1);
+            q4_rows(&ly->o, i0, i1, 1, xq, xd, xs, o, H);
+#pragma omp barrier
+            if (tid == 0) {
+                for (int i = 0; i < H; i++) x[i] += o[i];
+                rms_norm(x, ly->ln2, h, H, S->eps);
+                quantize_act(h, H, xq, xd, xs, 1);
+            }
+#pragma omp barrier
+            share(2 * F, tid, nth, &i0, &i1);
+            q4_rows(&ly->gate_up, i0, i1, 1, xq, xd, xs, gu, 2 * F);
+#pragma omp barrier
+            if (tid == 0) {
+#pragma omp simd
+                for (int i = 0; i < F; i++) {
+                    float g = gu[i];
+                    float e = exp_neg(g > 0.f ? -g : g); /* silu without overflow: e^-|g| */
+                    float sig = g > 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+                    h[i] = g * sig * gu[F + i];
+                }
+                quantize_act(h, F, xq, xd, xs, 1);
+            }
+#pragma omp barrier
+            share(H, tid, nth, &i0, &i1);
+            q4_rows(&ly->down, i0, i1, 1, xq, xd, xs, o, H);
+#pragma omp barrier
+            if (tid == 0)
+                for (int i = 0; i < H; i++) x[i] += o[i];
+#pragma omp barrier
+        }
+    }
+    if (norm) {
+        rms_norm(x, norm, h, H, S->eps);
+        memcpy(x, h, sizeof(float) * H);
+    }
+done:
+    free(h), free(qkv), free(att), free(gu), free(o), free(scores), free(xq), free(xd), free(xs);
+    return rc;
+}
