@@ -136,7 +136,7 @@ def library() -> ctypes.CDLL | None:
     vp, i32 = ctypes.c_void_p, ctypes.c_int
     lib.nm_q4_matmul.argtypes = [vp, vp, vp, i32, i32, vp, i32, vp, i32]
     lib.nm_q8_matmul.argtypes = [vp, vp, i32, i32, vp, i32, vp, i32]
-    lib.nm_decode.argtypes = [vp, vp, i32, vp, vp, vp, vp, i32]
+    lib.nm_decode.argtypes = [vp, vp, i32, vp, vp, vp, vp, vp, i32]
     _status = f"on ({lib.nm_isa().decode()}, built in {target.parent})"
     return lib
 
@@ -178,15 +178,25 @@ class _Q4(ctypes.Structure):
                 ("n", ctypes.c_int), ("k", ctypes.c_int)]
 
 
+class _Lora(ctypes.Structure):
+    _fields_ = [("A", ctypes.c_void_p), ("Bt", ctypes.c_void_p), ("w", ctypes.c_void_p), ("scale", ctypes.c_float),
+                ("r", ctypes.c_int), ("part", ctypes.c_int)]
+
+
 class _Layer(ctypes.Structure):
     _fields_ = [("qkv", _Q4), ("o", _Q4), ("gate_up", _Q4), ("down", _Q4), ("ln1", ctypes.c_void_p),
-                ("ln2", ctypes.c_void_p), ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
+                ("ln2", ctypes.c_void_p), ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
+                ("lora", ctypes.c_void_p), ("n_lora", ctypes.c_int)]
+
+
+LORA_PARTS = ("q", "k", "v", "o", "gate", "up", "down")
+MAX_RANK = 1024  # native.c's bound on an update's rank
 
 
 class _Shape(ctypes.Structure):
     _fields_ = [("layers", ctypes.c_int), ("hidden", ctypes.c_int), ("heads", ctypes.c_int),
                 ("kv_heads", ctypes.c_int), ("head_dim", ctypes.c_int), ("ffn", ctypes.c_int),
-                ("max_len", ctypes.c_int), ("eps", ctypes.c_float)]
+                ("capacity", ctypes.c_int), ("eps", ctypes.c_float)]
 
 
 class NativeLayer:
@@ -198,7 +208,8 @@ class NativeLayer:
 
 
 class Decoder:
-    """The fused one-token step over every layer, bound to one KV cache (float32, batch row 0).
+    """The fused one-token step over every layer for a batch of sequences, bound to one KV buffer
+    pair [layers, slots, kv_heads, capacity, head_dim] (float32, contiguous): row b uses slot b.
 
     Holds references to every tensor it points at, so nothing it reads can be freed under it.
     """
@@ -216,13 +227,38 @@ class Decoder:
         arr = (_Layer * len(layers))()
         for i, ly in enumerate(layers):
             mats = [_Q4(_ptr(t[0]), _ptr(t[1]), _ptr(t[2]), t[0].shape[0], t[0].shape[1] * 2) for t in ly.mats]
-            arr[i] = _Layer(*mats, _ptr(ly.ln1), _ptr(ly.ln2), _ptr(k_cache[i, 0]), _ptr(v_cache[i, 0]))
+            arr[i] = _Layer(*mats, _ptr(ly.ln1), _ptr(ly.ln2), _ptr(k_cache[i]), _ptr(v_cache[i]), None, 0)
         self.arr = arr
+        self.lora_key: object = None
+        self._lora_refs: list = []
 
-    def step(self, x: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x (hidden,) float32: the token's embedding in, the final normed hidden state out (in place)."""
-        rc = self.lib.nm_decode(ctypes.byref(self.shape), self.arr, pos, _ptr(cos), _ptr(sin), _ptr(self.norm),
-                                _ptr(x), torch.get_num_threads())
+    def set_loras(self, per_layer: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, str]]]) -> None:
+        """Each layer's low-rank updates: (A (r, k), Bt (r, n), w (rows,), scale, part) float32 contiguous, part one
+        of LORA_PARTS; the step adds w[b] * scale * Bt.T @ (A @ x_b) to the part's output for each row b. The
+        tensors are read in place (w may change between steps) and kept alive here."""
+        refs = []
+        for i, items in enumerate(per_layer):
+            arr = (_Lora * max(len(items), 1))()
+            for j, (A, Bt, w, scale, part) in enumerate(items):
+                if A.shape[0] > MAX_RANK or A.dtype != torch.float32 or Bt.dtype != torch.float32:
+                    raise ValueError("native decode step: an update of rank > 1024 or not float32")
+                arr[j] = _Lora(_ptr(A), _ptr(Bt), _ptr(w), float(scale), A.shape[0], LORA_PARTS.index(part))
+            refs.append((arr, items))
+            self.arr[i].lora = ctypes.cast(arr, ctypes.c_void_p) if items else None
+            self.arr[i].n_lora = len(items)
+        self._lora_refs = refs
+
+    def bound_to(self, k_cache: torch.Tensor) -> bool:
+        return k_cache.data_ptr() == self.k_cache.data_ptr() and k_cache.shape == self.k_cache.shape
+
+    def step(self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (rows, hidden) float32: each row's token embedding in, its final normed hidden state out (in
+        place); pos (rows,) int32: each row's position in its slot; cos/sin: the rotary tables (contiguous,
+        a row per position, longer than every position)."""
+        if not (pos.dtype == torch.int32 and x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()):
+            raise ValueError("native decode step: bad argument layout")
+        rc = self.lib.nm_decode(ctypes.byref(self.shape), self.arr, x.shape[0], _ptr(pos), _ptr(cos), _ptr(sin),
+                                _ptr(self.norm), _ptr(x), torch.get_num_threads())
         if rc:
             raise MemoryError("native decode step: out of memory")
         return x

@@ -337,14 +337,56 @@ static inline float exp_neg(float x) {
     return p * s.f;
 }
 
+/* A low-rank update on one projection: out_b += w_b * scale * B (A x_b) for every row b with w_b != 0. */
+typedef struct {
+    const float *A;  /* (r, k) */
+    const float *Bt; /* (r, n): B transposed */
+    const float *w;  /* (rows) each row's weight for this adapter, 0: the row does not use it */
+    float scale;
+    int r, part;     /* part: 0 q, 1 k, 2 v, 3 o, 4 gate, 5 up, 6 down */
+} nm_lora;
+
+#define MAX_RANK 1024
+
 typedef struct {
     q4mat qkv, o, gate_up, down; /* q/k/v rows in one matrix, gate then up in one */
     const float *ln1, *ln2;      /* norm weights (hidden) */
-    float *k_cache, *v_cache;    /* this layer's [kv_heads, max_len, head_dim], batch row 0 */
+    float *k_cache, *v_cache;    /* this layer's slot 0: [slots][kv_heads][capacity][head_dim] */
+    const nm_lora *lora;         /* this layer's adapter updates (n_lora of them) */
+    int n_lora;
 } nm_layer;
 
+/* Add the layer's updates on `part` to out (row b at out + b * ldout + off, n values) from in (k values). */
+static void apply_lora(const nm_layer *ly, int part, int B, const float *in, int ldin, int k, float *out, int ldout,
+                       int off, int n) {
+    float t[MAX_RANK];
+    for (int i = 0; i < ly->n_lora; i++) {
+        const nm_lora *a = &ly->lora[i];
+        if (a->part != part) continue;
+        for (int b = 0; b < B; b++) {
+            float wb = a->w[b] * a->scale;
+            if (wb == 0.f) continue;
+            const float *xb = in + (size_t)b * ldin;
+            for (int j = 0; j < a->r; j++) {
+                const float *Aj = a->A + (size_t)j * k;
+                float s = 0.f;
+#pragma omp simd reduction(+ : s)
+                for (int c = 0; c < k; c++) s += Aj[c] * xb[c];
+                t[j] = s * wb;
+            }
+            float *yb = out + (size_t)b * ldout + off;
+            for (int j = 0; j < a->r; j++) {
+                const float *Bj = a->Bt + (size_t)j * n;
+                float tj = t[j];
+#pragma omp simd
+                for (int c = 0; c < n; c++) yb[c] += tj * Bj[c];
+            }
+        }
+    }
+}
+
 typedef struct {
-    int layers, hidden, heads, kv_heads, head_dim, ffn, max_len;
+    int layers, hidden, heads, kv_heads, head_dim, ffn, capacity;
     float eps;
 } nm_shape;
 
@@ -396,20 +438,33 @@ static void attend(const float *q, const float *kc, const float *vc, int len, in
     for (int j = 0; j < hd; j++) out[j] *= inv;
 }
 
-/* One token through every layer: x (hidden) in place, position `pos` (its K/V are written there).
- * cos/sin: the rotary tables' row for `pos` (head_dim each). norm: the final norm's weight, applied to x
- * at the end (NULL: none). Returns 0, or -1 when out of memory. */
-int nm_decode(const nm_shape *S, const nm_layer *L, int pos, const float *cos, const float *sin, const float *norm,
-              float *x, int threads) {
+/* q4_rows for any number of activation rows (MAXM at a time). */
+static void q4_rows_all(const q4mat *W, int i0, int i1, int B, const int8_t *xq, const float *xd, const float *xs,
+                        float *y, int ldy) {
+    const int k = W->k, G = k / QK;
+    for (int r0 = 0; r0 < B; r0 += MAXM)
+        q4_rows(W, i0, i1, B - r0 < MAXM ? B - r0 : MAXM, xq + (size_t)r0 * k, xd + (size_t)r0 * G,
+                xs + (size_t)r0 * G, y + (size_t)r0 * ldy, ldy);
+}
+
+/* One token for each of B sequences through every layer. Row b of x (B x hidden) is sequence b's
+ * embedding in, its final normed hidden state out; it sits at position pos[b] of KV slot b (its K/V are
+ * written there, and it attends over positions 0..pos[b]). cos/sin: the rotary tables (row p for position
+ * p, head_dim each). norm: the final norm's weight. Returns 0, or -1 when out of memory. */
+int nm_decode(const nm_shape *S, const nm_layer *L, int B, const int *pos, const float *cos, const float *sin,
+              const float *norm, float *x, int threads) {
     const int H = S->hidden, hd = S->head_dim, nq = S->heads * hd, nkv = S->kv_heads * hd, F = S->ffn;
-    const int rep = S->heads / S->kv_heads, len = pos + 1, kmax = H > F ? H : (F > nq ? F : nq);
-    const int nqkv = nq + 2 * nkv;
-    float *h = malloc(sizeof(float) * (size_t)kmax), *qkv = malloc(sizeof(float) * (size_t)nqkv);
-    float *att = malloc(sizeof(float) * (size_t)nq), *gu = malloc(sizeof(float) * 2 * (size_t)F);
-    float *o = malloc(sizeof(float) * (size_t)H);
-    float *scores = malloc(sizeof(float) * (size_t)S->heads * len);
-    int8_t *xq = malloc((size_t)kmax);
-    float *xd = malloc(sizeof(float) * (size_t)kmax / QK), *xs = malloc(sizeof(float) * (size_t)kmax / QK);
+    const int rep = S->heads / S->kv_heads, kmax = H > F ? (H > nq ? H : nq) : (F > nq ? F : nq);
+    const int nqkv = nq + 2 * nkv, Gmax = kmax / QK;
+    const size_t head_stride = (size_t)S->capacity * hd, slot_stride = (size_t)S->kv_heads * head_stride;
+    int maxlen = 0;
+    for (int b = 0; b < B; b++) maxlen = pos[b] + 1 > maxlen ? pos[b] + 1 : maxlen;
+    float *h = malloc(sizeof(float) * (size_t)B * kmax), *qkv = malloc(sizeof(float) * (size_t)B * nqkv);
+    float *att = malloc(sizeof(float) * (size_t)B * nq), *gu = malloc(sizeof(float) * 2 * (size_t)B * F);
+    float *o = malloc(sizeof(float) * (size_t)B * H);
+    float *scores = malloc(sizeof(float) * (size_t)B * S->heads * maxlen);
+    int8_t *xq = malloc((size_t)B * kmax);
+    float *xd = malloc(sizeof(float) * (size_t)B * Gmax), *xs = malloc(sizeof(float) * (size_t)B * Gmax);
     int rc = 0;
     if (!h || !qkv || !att || !gu || !o || !scores || !xq || !xd || !xs) {
         rc = -1;
@@ -421,65 +476,90 @@ int nm_decode(const nm_shape *S, const nm_layer *L, int pos, const float *cos, c
         int i0, i1;
         for (int l = 0; l < S->layers; l++) {
             const nm_layer *ly = &L[l];
-            float *kc = ly->k_cache, *vc = ly->v_cache;
-            size_t stride = (size_t)S->max_len * hd; /* between KV heads */
-            if (tid == 0) {
-                rms_norm(x, ly->ln1, h, H, S->eps);
-                quantize_act(h, H, xq, xd, xs, 1);
-            }
+            if (tid == 0)
+                for (int b = 0; b < B; b++) {
+                    rms_norm(x + (size_t)b * H, ly->ln1, h + (size_t)b * H, H, S->eps);
+                    quantize_act(h + (size_t)b * H, H, xq + (size_t)b * H, xd + (size_t)b * (H / QK), xs + (size_t)b * (H / QK), 1);
+                }
 #pragma omp barrier
             share(nqkv, tid, nth, &i0, &i1);
-            q4_rows(&ly->qkv, i0, i1, 1, xq, xd, xs, qkv, nqkv);
+            q4_rows_all(&ly->qkv, i0, i1, B, xq, xd, xs, qkv, nqkv);
 #pragma omp barrier
-            if (tid == 0) {
-                for (int a = 0; a < S->heads; a++) rotate(qkv + a * hd, cos, sin, hd);
-                for (int a = 0; a < S->kv_heads; a++) {
-                    rotate(qkv + nq + a * hd, cos, sin, hd);
-                    memcpy(kc + a * stride + (size_t)pos * hd, qkv + nq + a * hd, sizeof(float) * hd);
-                    memcpy(vc + a * stride + (size_t)pos * hd, qkv + nq + nkv + a * hd, sizeof(float) * hd);
-                }
+            if (tid == 0 && ly->n_lora) {
+                apply_lora(ly, 0, B, h, H, H, qkv, nqkv, 0, nq);
+                apply_lora(ly, 1, B, h, H, H, qkv, nqkv, nq, nkv);
+                apply_lora(ly, 2, B, h, H, H, qkv, nqkv, nq + nkv, nkv);
             }
+            if (tid == 0)
+                for (int b = 0; b < B; b++) {
+                    float *qb = qkv + (size_t)b * nqkv;
+                    const float *cb = cos + (size_t)pos[b] * hd, *sb = sin + (size_t)pos[b] * hd;
+                    float *kc = ly->k_cache + b * slot_stride, *vc = ly->v_cache + b * slot_stride;
+                    for (int a = 0; a < S->heads; a++) rotate(qb + a * hd, cb, sb, hd);
+                    for (int a = 0; a < S->kv_heads; a++) {
+                        rotate(qb + nq + a * hd, cb, sb, hd);
+                        memcpy(kc + a * head_stride + (size_t)pos[b] * hd, qb + nq + a * hd, sizeof(float) * hd);
+                        memcpy(vc + a * head_stride + (size_t)pos[b] * hd, qb + nq + nkv + a * hd, sizeof(float) * hd);
+                    }
+                }
 #pragma omp barrier
 #pragma omp for schedule(static)
-            for (int a = 0; a < S->heads; a++)
-                attend(qkv + a * hd, kc + (a / rep) * stride, vc + (a / rep) * stride, len, hd, scores + (size_t)a * len,
-                       att + a * hd);
-            if (tid == 0) quantize_act(att, nq, xq, xd, xs, 1);
+            for (int ba = 0; ba < B * S->heads; ba++) {
+                int b = ba / S->heads, a = ba % S->heads;
+                size_t kv = b * slot_stride + (size_t)(a / rep) * head_stride;
+                attend(qkv + (size_t)b * nqkv + a * hd, ly->k_cache + kv, ly->v_cache + kv, pos[b] + 1, hd,
+                       scores + (size_t)ba * maxlen, att + (size_t)b * nq + a * hd);
+            }
+            if (tid == 0)
+                for (int b = 0; b < B; b++)
+                    quantize_act(att + (size_t)b * nq, nq, xq + (size_t)b * nq, xd + (size_t)b * (nq / QK), xs + (size_t)b * (nq / QK), 1);
 #pragma omp barrier
             share(H, tid, nth, &i0, &i1);
-            q4_rows(&ly->o, i0, i1, 1, xq, xd, xs, o, H);
+            q4_rows_all(&ly->o, i0, i1, B, xq, xd, xs, o, H);
 #pragma omp barrier
-            if (tid == 0) {
-                for (int i = 0; i < H; i++) x[i] += o[i];
-                rms_norm(x, ly->ln2, h, H, S->eps);
-                quantize_act(h, H, xq, xd, xs, 1);
-            }
+            if (tid == 0 && ly->n_lora) apply_lora(ly, 3, B, att, nq, nq, o, H, 0, H);
+            if (tid == 0)
+                for (int b = 0; b < B; b++) {
+                    float *xb = x + (size_t)b * H;
+                    for (int i = 0; i < H; i++) xb[i] += o[(size_t)b * H + i];
+                    rms_norm(xb, ly->ln2, h + (size_t)b * H, H, S->eps);
+                    quantize_act(h + (size_t)b * H, H, xq + (size_t)b * H, xd + (size_t)b * (H / QK), xs + (size_t)b * (H / QK), 1);
+                }
 #pragma omp barrier
             share(2 * F, tid, nth, &i0, &i1);
-            q4_rows(&ly->gate_up, i0, i1, 1, xq, xd, xs, gu, 2 * F);
+            q4_rows_all(&ly->gate_up, i0, i1, B, xq, xd, xs, gu, 2 * F);
 #pragma omp barrier
-            if (tid == 0) {
-#pragma omp simd
-                for (int i = 0; i < F; i++) {
-                    float g = gu[i];
-                    float e = exp_neg(g > 0.f ? -g : g); /* silu without overflow: e^-|g| */
-                    float sig = g > 0.f ? 1.f / (1.f + e) : e / (1.f + e);
-                    h[i] = g * sig * gu[F + i];
-                }
-                quantize_act(h, F, xq, xd, xs, 1);
+            if (tid == 0 && ly->n_lora) {
+                apply_lora(ly, 4, B, h, H, H, gu, 2 * F, 0, F);
+                apply_lora(ly, 5, B, h, H, H, gu, 2 * F, F, F);
             }
+            if (tid == 0)
+                for (int b = 0; b < B; b++) {
+                    const float *gb = gu + (size_t)b * 2 * F;
+                    float *hb = h + (size_t)b * F;
+#pragma omp simd
+                    for (int i = 0; i < F; i++) {
+                        float g = gb[i];
+                        float e = exp_neg(g > 0.f ? -g : g); /* silu without overflow: e^-|g| */
+                        float sig = g > 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+                        hb[i] = g * sig * gb[F + i];
+                    }
+                    quantize_act(hb, F, xq + (size_t)b * F, xd + (size_t)b * (F / QK), xs + (size_t)b * (F / QK), 1);
+                }
 #pragma omp barrier
             share(H, tid, nth, &i0, &i1);
-            q4_rows(&ly->down, i0, i1, 1, xq, xd, xs, o, H);
+            q4_rows_all(&ly->down, i0, i1, B, xq, xd, xs, o, H);
 #pragma omp barrier
+            if (tid == 0 && ly->n_lora) apply_lora(ly, 6, B, h, F, F, o, H, 0, H);
             if (tid == 0)
-                for (int i = 0; i < H; i++) x[i] += o[i];
+                for (int b = 0; b < B; b++)
+                    for (int i = 0; i < H; i++) x[(size_t)b * H + i] += o[(size_t)b * H + i];
 #pragma omp barrier
         }
     }
-    if (norm) {
-        rms_norm(x, norm, h, H, S->eps);
-        memcpy(x, h, sizeof(float) * H);
+    for (int b = 0; b < B; b++) {
+        rms_norm(x + (size_t)b * H, norm, h, H, S->eps);
+        memcpy(x + (size_t)b * H, h, sizeof(float) * H);
     }
 done:
     free(h), free(qkv), free(att), free(gu), free(o), free(scores), free(xq), free(xd), free(xs);

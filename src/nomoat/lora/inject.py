@@ -89,6 +89,7 @@ def set_active(model: nn.Module, weights: dict[str, float]) -> None:
             if n in mod.merged:
                 raise NomoatError(f"adapter {n!r} is merged; unmerge it before changing its weight")
             mod.weights[n] = float(weights[n])
+    _row_plan(model).changed()
 
 
 def check_loaded(model: nn.Module, names: Iterable[str]) -> None:
@@ -177,6 +178,7 @@ def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], sca
         with torch.no_grad():
             mod.lora_A[name].copy_(A.float())
             mod.lora_B[name].copy_(B.float())
+    _row_plan(model).changed()
 
 
 def merge_adapters(model: nn.Module, names: Iterable[str] | None = None) -> None:

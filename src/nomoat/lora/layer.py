@@ -106,6 +106,12 @@ class RowPlan:
     engine sets it once per step: adapter -> (row indices, per-row weights [n, 1, 1]); None: use `active`."""
 
     groups: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    # Bumped on every change to the model's adapters (add, remove, merge, activation, weights), so a consumer
+    # that copies their state (the native decoding step) knows when to copy again.
+    version: int = 0
+
+    def changed(self) -> None:
+        self.version += 1
 
 
 class LoRALinear(nn.Module):
@@ -142,6 +148,7 @@ class LoRALinear(nn.Module):
         self.weights[name] = 1.0
         self.dropouts[name] = dropout
         self.active.append(name)
+        self._changed()
 
     def remove(self, name: str) -> None:
         if name in self.merged:
@@ -151,6 +158,11 @@ class LoRALinear(nn.Module):
             d.pop(name, None)
         if name in self.active:
             self.active.remove(name)
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.plan is not None:
+            self.plan.changed()
 
     def delta(self, name: str) -> torch.Tensor:
         """The full update s * w * B @ A for one adapter (float32, [out, in])."""
@@ -166,6 +178,7 @@ class LoRALinear(nn.Module):
         with torch.no_grad():
             w += self.delta(name).to(w.dtype)
         self.merged[name] = self.scales[name] * self.weights[name]
+        self._changed()
 
     def unmerge(self, name: str) -> None:
         if name not in self.merged:
@@ -174,6 +187,7 @@ class LoRALinear(nn.Module):
         A, B = self.lora_A[name].float(), self.lora_B[name].float()
         with torch.no_grad():
             w -= ((B @ A) * self.merged.pop(name)).to(w.dtype)
+        self._changed()
 
     def _forward_rows(self, x: torch.Tensor, y: torch.Tensor,
                       groups: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -372,6 +372,10 @@ class LlamaForCausalLM(nn.Module):
         B, T = input_ids.shape
         if T != 1:
             raise ValueError("a slot cache takes one token per row; prefill into a KVCache and load it")
+        if self.fast_decode is not None and not torch.is_grad_enabled():
+            h = self.fast_decode(self, input_ids, cache)
+            if h is not None:
+                return h
         lens = cache.lens[:B]
         S = int(lens.max()) + 1
         cache.ensure(S)

@@ -15,7 +15,9 @@ from nomoat.model import KVCache, LlamaForCausalLM
 from nomoat.model.config import LlamaConfig
 from nomoat.runtime.logprobs import MAX_TOP_LOGPROBS, Piece, TokenLogprob, token_logprob
 
-PREFILL_CHUNK = 512
+# Prompt tokens per forward pass: the kernels cost the same per row from ~64 rows up, and smaller passes keep
+# the activations' peak memory down (512 -> 256: ~12 MiB less on the default model).
+PREFILL_CHUNK = 256
 
 
 @dataclass

@@ -166,6 +166,7 @@ class CatalogServing:
                 for _, mod in lora_modules(self.lm.model):  # attached switched off; rows pick adapters per request
                     if key in mod.active:
                         mod.active = [n for n in mod.active if n != key]
+                        mod._changed()
             s = Served(key, digest, source, str(path), weight, parent)
             self.registry.add(name, s)
             return s
