@@ -38,7 +38,7 @@ ids = torch.randint(100, 40000, (1, n_prompt), generator=g)
 m = lm.model
 from nomoat.runtime.generate import PREFILL_CHUNK
 def run():
-    cache = KVCache(m.config, 1, n_prompt + n_decode + 1)
+    cache = KVCache(m.config, 1, n_prompt + n_decode + 1, dtype=m.kv_dtype)  # as `generate` does
     with torch.inference_mode():
         t = time.perf_counter()
         for s in range(0, n_prompt, PREFILL_CHUNK):  # as `generate` does

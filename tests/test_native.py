@@ -151,7 +151,8 @@ def _decode(model, ids: list[int], prompt: int, fused: bool) -> torch.Tensor:
         model.fast_decode = saved
 
 
-def test_fused_step_equals_the_models_own_step(tiny_q4):
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_fused_step_equals_the_models_own_step(tiny_q4, kv_dtype):
     """Step by step from the same cache, the fused step and the model's own (torch ops around the same
     kernels) agree to float rounding. Activations are rounded to int8 codes, so a ~1e-7 difference
     (summation order, the exp polynomial) can flip one code in a rare step: those steps differ by that
@@ -159,14 +160,15 @@ def test_fused_step_equals_the_models_own_step(tiny_q4):
     m = tiny_q4.model
     assert m.fast_decode is not None
     assert isinstance(m.lm_head, Q8Linear) and isinstance(m.model.layers[1].mlp.down_proj, Q4Linear)
+    assert m.kv_dtype == torch.float16  # what generate and the server use with the fused step
     ids = torch.randint(0, m.config.vocab_size, (90,), generator=torch.Generator().manual_seed(0)).tolist()
-    cache = KVCache(m.config, 1, len(ids) + 1)
+    cache = KVCache(m.config, 1, len(ids) + 1, dtype=kv_dtype)
     fast = m.fast_decode
     diffs = []
     with torch.inference_mode():
         m(torch.tensor([ids[:10]]), cache=cache)
         for t in ids[10:]:
-            twin = KVCache(m.config, 1, len(ids) + 1)
+            twin = KVCache(m.config, 1, len(ids) + 1, dtype=kv_dtype)
             twin.k.copy_(cache.k), twin.v.copy_(cache.v)
             twin.pos = cache.pos
             m.fast_decode = None
@@ -315,7 +317,7 @@ def test_fused_batch_equals_each_sequence_alone(tiny_q4):
             cache = KVCache(m.config, 1, 64)
             m(torch.tensor([p]), cache=cache)
             alone.append(torch.cat([m(t.view(1, 1), cache=cache)[0, -1:] for t in nxt]))
-        slots = SlotCache(m.config, slots=4, capacity=8)  # grows while stepping
+        slots = SlotCache(m.config, slots=4, capacity=8, dtype=torch.float32)  # grows while stepping
         for row, p in enumerate(prompts):
             cache = KVCache(m.config, 1, 64)
             m(torch.tensor([p]), cache=cache)

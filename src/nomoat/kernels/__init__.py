@@ -196,7 +196,7 @@ MAX_RANK = 1024  # native.c's bound on an update's rank
 class _Shape(ctypes.Structure):
     _fields_ = [("layers", ctypes.c_int), ("hidden", ctypes.c_int), ("heads", ctypes.c_int),
                 ("kv_heads", ctypes.c_int), ("head_dim", ctypes.c_int), ("ffn", ctypes.c_int),
-                ("capacity", ctypes.c_int), ("eps", ctypes.c_float)]
+                ("capacity", ctypes.c_int), ("eps", ctypes.c_float), ("kv_half", ctypes.c_int)]
 
 
 class NativeLayer:
@@ -209,7 +209,8 @@ class NativeLayer:
 
 class Decoder:
     """The fused one-token step over every layer for a batch of sequences, bound to one KV buffer
-    pair [layers, slots, kv_heads, capacity, head_dim] (float32, contiguous): row b uses slot b.
+    pair [layers, slots, kv_heads, capacity, head_dim] (float32 or float16, contiguous): row b uses slot b.
+    head_dim must be a multiple of 16, at most 128.
 
     Holds references to every tensor it points at, so nothing it reads can be freed under it.
     """
@@ -218,12 +219,13 @@ class Decoder:
                  norm: torch.Tensor) -> None:
         self.lib = library()
         assert self.lib is not None
-        if k_cache.dtype != torch.float32 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-            raise ValueError("the fused step needs a contiguous float32 KV cache")
+        if k_cache.dtype not in (torch.float32, torch.float16) or v_cache.dtype != k_cache.dtype or not (
+                k_cache.is_contiguous() and v_cache.is_contiguous()):
+            raise ValueError("the fused step needs a contiguous float32 or float16 KV cache")
         self.layers, self.k_cache, self.v_cache = layers, k_cache, v_cache
         self.norm = norm.float().contiguous()
         self.shape = _Shape(len(layers), shape["hidden"], shape["heads"], shape["kv_heads"], shape["head_dim"],
-                            shape["ffn"], k_cache.shape[3], shape["eps"])
+                            shape["ffn"], k_cache.shape[3], shape["eps"], int(k_cache.dtype == torch.float16))
         arr = (_Layer * len(layers))()
         for i, ly in enumerate(layers):
             mats = [_Q4(_ptr(t[0]), _ptr(t[1]), _ptr(t[2]), t[0].shape[0], t[0].shape[1] * 2) for t in ly.mats]

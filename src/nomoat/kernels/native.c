@@ -351,7 +351,7 @@ typedef struct {
 typedef struct {
     q4mat qkv, o, gate_up, down; /* q/k/v rows in one matrix, gate then up in one */
     const float *ln1, *ln2;      /* norm weights (hidden) */
-    float *k_cache, *v_cache;    /* this layer's slot 0: [slots][kv_heads][capacity][head_dim] */
+    void *k_cache, *v_cache;     /* this layer's slot 0: [slots][kv_heads][capacity][head_dim], float or fp16 */
     const nm_lora *lora;         /* this layer's adapter updates (n_lora of them) */
     int n_lora;
 } nm_layer;
@@ -388,6 +388,7 @@ static void apply_lora(const nm_layer *ly, int part, int B, const float *in, int
 typedef struct {
     int layers, hidden, heads, kv_heads, head_dim, ffn, capacity;
     float eps;
+    int kv_half; /* the cache holds fp16, else float32 */
 } nm_shape;
 
 static void rms_norm(const float *x, const float *w, float *out, int n, float eps) {
@@ -408,34 +409,72 @@ static void rotate(float *v, const float *cos, const float *sin, int hd) {
     }
 }
 
-/* Attention of query head `h` over positions 0..len-1 of its KV head; out (head_dim). */
-static void attend(const float *q, const float *kc, const float *vc, int len, int hd, float *scores, float *out) {
-    float scale = 1.f / sqrtf((float)hd), mx = -INFINITY;
+/* Vectors of floats, and K/V rows read from float32 or fp16 caches (llama.cpp's default cache type). */
+#ifdef NM_AVX512
+#define VW 16
+typedef __m512 vf;
+static inline vf v_h(const void *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+static inline vf v_f(const void *p) { return _mm512_loadu_ps((const float *)p); }
+static inline vf v_fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf v_set(float x) { return _mm512_set1_ps(x); }
+static inline float v_sum(vf a) { return _mm512_reduce_add_ps(a); }
+static inline void v_store(float *p, vf a) { _mm512_storeu_ps(p, a); }
+#else
+#define VW 8
+typedef __m256 vf;
+static inline vf v_h(const void *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static inline vf v_f(const void *p) { return _mm256_loadu_ps((const float *)p); }
+static inline vf v_fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf v_set(float x) { return _mm256_set1_ps(x); }
+static inline float v_sum(vf a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_hadd_ps(s, s);
+    return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+static inline void v_store(float *p, vf a) { _mm256_storeu_ps(p, a); }
+#endif
+#define MAX_HD_VECS 16 /* head_dim up to 16 vectors */
+
+/* The `rep` query heads sharing one KV head attend over its positions 0..len-1: each K and V row is read
+ * (and converted) once for all of them. q, out: rep x hd; scores: rep x len scratch. `half`: fp16 cache. */
+static void attend_group(const float *q, int rep, const void *kc, const void *vc, int half, int len, int hd,
+                         float *scores, float *out) {
+    const int nv = hd / VW;
+    const size_t row = (size_t)hd * (half ? 2 : 4);
+    const float scale = 1.f / sqrtf((float)hd);
+    vf kv[MAX_HD_VECS];
     for (int t = 0; t < len; t++) {
-        const float *kt = kc + (size_t)t * hd;
-        float s = 0.f;
-#pragma omp simd reduction(+ : s)
-        for (int j = 0; j < hd; j++) s += q[j] * kt[j];
-        s *= scale;
-        scores[t] = s;
-        mx = s > mx ? s : mx;
+        const char *kt = (const char *)kc + (size_t)t * row;
+        for (int v = 0; v < nv; v++) kv[v] = half ? v_h(kt + v * VW * 2) : v_f(kt + v * VW * 4);
+        for (int r = 0; r < rep; r++) {
+            vf acc = v_set(0.f);
+            for (int v = 0; v < nv; v++) acc = v_fma(v_f(q + r * hd + v * VW), kv[v], acc);
+            scores[(size_t)r * len + t] = v_sum(acc) * scale;
+        }
     }
-    float sum = 0.f;
+    float inv[64];
+    for (int r = 0; r < rep; r++) {
+        float *sr = scores + (size_t)r * len, mx = -INFINITY, sum = 0.f;
+        for (int t = 0; t < len; t++) mx = sr[t] > mx ? sr[t] : mx;
 #pragma omp simd reduction(+ : sum)
-    for (int t = 0; t < len; t++) {
-        float e = exp_neg(scores[t] - mx);
-        scores[t] = e;
-        sum += e;
+        for (int t = 0; t < len; t++) {
+            float e = exp_neg(sr[t] - mx);
+            sr[t] = e;
+            sum += e;
+        }
+        inv[r] = 1.f / sum;
+        for (int j = 0; j < hd; j++) out[r * hd + j] = 0.f;
     }
-    for (int j = 0; j < hd; j++) out[j] = 0.f;
     for (int t = 0; t < len; t++) {
-        const float *vt = vc + (size_t)t * hd;
-        float p = scores[t];
-#pragma omp simd
-        for (int j = 0; j < hd; j++) out[j] += p * vt[j];
+        const char *vt = (const char *)vc + (size_t)t * row;
+        for (int v = 0; v < nv; v++) kv[v] = half ? v_h(vt + v * VW * 2) : v_f(vt + v * VW * 4);
+        for (int r = 0; r < rep; r++) {
+            vf p = v_set(scores[(size_t)r * len + t]);
+            for (int v = 0; v < nv; v++) v_store(out + r * hd + v * VW, v_fma(p, kv[v], v_f(out + r * hd + v * VW)));
+        }
     }
-    float inv = 1.f / sum;
-    for (int j = 0; j < hd; j++) out[j] *= inv;
+    for (int r = 0; r < rep; r++)
+        for (int j = 0; j < hd; j++) out[r * hd + j] *= inv[r];
 }
 
 /* q4_rows for any number of activation rows (MAXM at a time). */
@@ -494,21 +533,28 @@ int nm_decode(const nm_shape *S, const nm_layer *L, int B, const int *pos, const
                 for (int b = 0; b < B; b++) {
                     float *qb = qkv + (size_t)b * nqkv;
                     const float *cb = cos + (size_t)pos[b] * hd, *sb = sin + (size_t)pos[b] * hd;
-                    float *kc = ly->k_cache + b * slot_stride, *vc = ly->v_cache + b * slot_stride;
                     for (int a = 0; a < S->heads; a++) rotate(qb + a * hd, cb, sb, hd);
                     for (int a = 0; a < S->kv_heads; a++) {
                         rotate(qb + nq + a * hd, cb, sb, hd);
-                        memcpy(kc + a * head_stride + (size_t)pos[b] * hd, qb + nq + a * hd, sizeof(float) * hd);
-                        memcpy(vc + a * head_stride + (size_t)pos[b] * hd, qb + nq + nkv + a * hd, sizeof(float) * hd);
+                        size_t at = b * slot_stride + a * head_stride + (size_t)pos[b] * hd;
+                        const float *kn = qb + nq + a * hd, *vn = qb + nq + nkv + a * hd;
+                        if (S->kv_half) {
+                            uint16_t *kc = (uint16_t *)ly->k_cache + at, *vc = (uint16_t *)ly->v_cache + at;
+                            for (int j = 0; j < hd; j++) kc[j] = _cvtss_sh(kn[j], 0), vc[j] = _cvtss_sh(vn[j], 0);
+                        } else {
+                            memcpy((float *)ly->k_cache + at, kn, sizeof(float) * hd);
+                            memcpy((float *)ly->v_cache + at, vn, sizeof(float) * hd);
+                        }
                     }
                 }
 #pragma omp barrier
 #pragma omp for schedule(static)
-            for (int ba = 0; ba < B * S->heads; ba++) {
-                int b = ba / S->heads, a = ba % S->heads;
-                size_t kv = b * slot_stride + (size_t)(a / rep) * head_stride;
-                attend(qkv + (size_t)b * nqkv + a * hd, ly->k_cache + kv, ly->v_cache + kv, pos[b] + 1, hd,
-                       scores + (size_t)ba * maxlen, att + (size_t)b * nq + a * hd);
+            for (int bg = 0; bg < B * S->kv_heads; bg++) {
+                int b = bg / S->kv_heads, a = bg % S->kv_heads;
+                size_t kv = (b * slot_stride + (size_t)a * head_stride) * (S->kv_half ? 2 : 4);
+                attend_group(qkv + (size_t)b * nqkv + a * rep * hd, rep, (char *)ly->k_cache + kv,
+                             (char *)ly->v_cache + kv, S->kv_half, pos[b] + 1, hd, scores + (size_t)bg * rep * maxlen,
+                             att + (size_t)b * nq + a * rep * hd);
             }
             if (tid == 0)
                 for (int b = 0; b < B; b++)

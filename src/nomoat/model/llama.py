@@ -215,7 +215,7 @@ class Attention(FusableBlock):
             cache.k[layer, rows, :, cache.lens[:B]] = k[:, :, 0].to(cache.dtype)
             cache.v[layer, rows, :, cache.lens[:B]] = v[:, :, 0].to(cache.dtype)
             S = mask.shape[-1]
-            k, v = cache.k[layer, :B, :, :S], cache.v[layer, :B, :, :S]
+            k, v = cache.k[layer, :B, :, :S].float(), cache.v[layer, :B, :, :S].float()
             qg = q.to(k.dtype).view(B, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
             out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).view(B, self.n_heads, 1, self.head_dim)
             return self.o_proj(out.transpose(1, 2).reshape(B, 1, -1).to(out_dtype))
@@ -223,9 +223,10 @@ class Attention(FusableBlock):
             p = cache.pos
             cache.k[layer, :, :, p:p + T] = k
             cache.v[layer, :, :, p:p + T] = v
-            k = cache.k[layer, :, :, :p + T]
-            v = cache.v[layer, :, :, :p + T]
-            q = q.to(k.dtype)  # a float32 cache: more exact, and SDPA's float32 CPU path is the faster one
+            # SDPA's float32 CPU path is the faster one (and a no-op copy for a float32 cache).
+            k = cache.k[layer, :, :, :p + T].float()
+            v = cache.v[layer, :, :, :p + T].float()
+            q = q.float()
         rep = self.n_heads // self.n_kv
         if T == 1 and cache is not None:
             # One new token: the `rep` query heads sharing a KV head become `rep` rows attending to
@@ -302,6 +303,8 @@ class LlamaForCausalLM(nn.Module):
         # fast_decode(model, input_ids, cache) -> final hidden states, or None when it cannot serve this
         # call (an adapter attached, another cache kind), and the step below runs instead.
         self.fast_decode: Callable | None = None
+        # What decoding caches keys and values in (generate and the batching engine ask the model).
+        self.kv_dtype = torch.float32
 
     @property
     def dtype(self) -> torch.dtype:

@@ -53,7 +53,7 @@ class BatchDecoder:
 
     def __init__(self, model: LlamaForCausalLM, tok: Tokenizer, slots: int = 8) -> None:
         self.model, self.tok, self.slots = model, tok, slots
-        self.cache = SlotCache(model.config, slots)
+        self.cache = SlotCache(model.config, slots, dtype=model.kv_dtype)
         self.prefilling: deque[_Seq] = deque()
         self.running: list[_Seq] = []
 
@@ -120,7 +120,7 @@ class BatchDecoder:
             events.append(ev)
             return
         if seq.cache is None:
-            seq.cache = KVCache(self.model.config, 1, len(ids))
+            seq.cache = KVCache(self.model.config, 1, len(ids), dtype=self.model.kv_dtype)
         chunk = PREFILL_BESIDE if self.running else PREFILL_ALONE
         end = min(len(ids), seq.filled + chunk)
         t0 = time.perf_counter()

@@ -33,7 +33,8 @@ class FusedDecode:
     def for_model(cls, model: LlamaForCausalLM) -> FusedDecode | None:
         """The fused step for `model`, or None when its layers are not all fused Q4."""
         cfg = model.config
-        if kernels.library() is None or cfg.num_attention_heads % cfg.num_key_value_heads:
+        if (kernels.library() is None or cfg.num_attention_heads % cfg.num_key_value_heads or cfg.head_dim % 16
+                or cfg.head_dim > 128 or cfg.num_attention_heads // cfg.num_key_value_heads > 64):
             return None
         mods = []
         for layer in model.model.layers:
@@ -115,7 +116,7 @@ class FusedDecode:
         dec = getattr(holder, "_native_decoder", None)
         if dec is not None and dec.bound_to(k):
             return dec
-        if k.dtype != torch.float32 or not (k.is_contiguous() and v.is_contiguous()):
+        if k.dtype not in (torch.float32, torch.float16) or not (k.is_contiguous() and v.is_contiguous()):
             return None
         cfg = model.config
         layers = [kernels.NativeLayer(*((m.nib, m.d, m.m) for m in mods[3:7]),

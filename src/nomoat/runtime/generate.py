@@ -234,7 +234,7 @@ def stream(model: LlamaForCausalLM, tok: Tokenizer, prompt_ids: list[int], cfg: 
     """
     dec = Decoding(model.config, tok, prompt_ids, cfg, stats)
     st = dec.stats
-    cache = KVCache(model.config, 1, len(prompt_ids) + dec.max_new)
+    cache = KVCache(model.config, 1, len(prompt_ids) + dec.max_new, dtype=model.kv_dtype)
     t0 = time.perf_counter()
     logits = _prefill(model, torch.tensor([prompt_ids]), cache, None, None) if dec.max_new else None
     st.prompt_seconds = time.perf_counter() - t0
@@ -263,7 +263,7 @@ def generate_batch(model: LlamaForCausalLM, tok: Tokenizer, prompts: list[list[i
         ids[i, T - len(p):] = torch.tensor(p)
         mask[i, T - len(p):] = True
     pos = (mask[:, :T].long().cumsum(-1) - 1).clamp(min=0)
-    cache = KVCache(model.config, B, T + max_new)
+    cache = KVCache(model.config, B, T + max_new, dtype=model.kv_dtype)
     seen = None
     if cfg.repetition_penalty != 1.0:
         seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool)

@@ -344,6 +344,8 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, quant: str
             from nomoat.runtime.fused_decode import FusedDecode
 
             model.fast_decode = FusedDecode.for_model(model)
+            if model.fast_decode is not None:
+                model.kv_dtype = torch.float16  # as llama.cpp keeps it: half the memory and the attention's reads
     _release_freed_memory()
     if isinstance(ckpt, GGUFModelFile):
         ckpt.drop_pages()  # every tensor is converted or copied by now
