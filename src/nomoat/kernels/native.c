@@ -512,6 +512,12 @@ int nm_decode(const nm_shape *S, const nm_layer *L, int B, const int *pos, const
 #pragma omp parallel num_threads(threads < 1 ? 1 : threads)
     {
         const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        /* Attention work: a KV head's query heads together (one read of its K/V for all), split into shares
+         * when there are too few (row, KV head) pairs to keep every thread busy (1 row, 3 KV heads, 2 threads). */
+        const int pairs = B * S->kv_heads;
+        int split = pairs >= 2 * nth ? 1 : (2 * nth + pairs - 1) / pairs;
+        split = split > rep ? rep : split;
+        const int per = (rep + split - 1) / split;
         int i0, i1;
         for (int l = 0; l < S->layers; l++) {
             const nm_layer *ly = &L[l];
@@ -549,12 +555,16 @@ int nm_decode(const nm_shape *S, const nm_layer *L, int B, const int *pos, const
                 }
 #pragma omp barrier
 #pragma omp for schedule(static)
-            for (int bg = 0; bg < B * S->kv_heads; bg++) {
-                int b = bg / S->kv_heads, a = bg % S->kv_heads;
+            for (int it = 0; it < B * S->kv_heads * split; it++) {
+                /* item: row b, KV head a, the part-th share of the query heads reading it */
+                int bg = it / split, part = it % split, b = bg / S->kv_heads, a = bg % S->kv_heads;
+                int h0 = part * per, h1 = h0 + per < rep ? h0 + per : rep;
+                if (h0 >= h1) continue;
                 size_t kv = (b * slot_stride + (size_t)a * head_stride) * (S->kv_half ? 2 : 4);
-                attend_group(qkv + (size_t)b * nqkv + a * rep * hd, rep, (char *)ly->k_cache + kv,
-                             (char *)ly->v_cache + kv, S->kv_half, pos[b] + 1, hd, scores + (size_t)bg * rep * maxlen,
-                             att + (size_t)b * nq + a * rep * hd);
+                size_t qh = (size_t)a * rep + h0;
+                attend_group(qkv + (size_t)b * nqkv + qh * hd, h1 - h0, (char *)ly->k_cache + kv,
+                             (char *)ly->v_cache + kv, S->kv_half, pos[b] + 1, hd,
+                             scores + ((size_t)b * S->heads + qh) * maxlen, att + (size_t)b * nq + qh * hd);
             }
             if (tid == 0)
                 for (int b = 0; b < B; b++)
