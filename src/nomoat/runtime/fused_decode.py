@@ -26,8 +26,17 @@ _WRAPPABLE = {0: "q", 1: "k", 2: "v", 4: "o", 6: "down", 7: "gate", 8: "up"}
 class FusedDecode:
     """Callable installed as `model.fast_decode`; binds a native decoder to each KV buffer it meets."""
 
-    def __init__(self, modules: list[tuple[torch.nn.Module, ...]]) -> None:
+    def __init__(self, model: LlamaForCausalLM, modules: list[tuple[torch.nn.Module, ...]]) -> None:
         self.modules = modules  # per layer: q, k, v, fused qkv, o, fused gate/up, down, gate, up
+        # Where each part lives (the owner's dict and key, as _parts reads them), for a check every step that
+        # costs dictionary lookups rather than module attribute access.
+        self.places = []
+        for layer, mods in zip(model.model.layers, modules):
+            a, m = layer.self_attn, layer.mlp
+            where = [(a._modules, "q_proj"), (a._modules, "k_proj"), (a._modules, "v_proj"), (a.__dict__, "fused"),
+                     (a._modules, "o_proj"), (m.__dict__, "fused"), (m._modules, "down_proj"),
+                     (m._modules, "gate_proj"), (m._modules, "up_proj")]
+            self.places.append([(d, k, bound, i) for i, ((d, k), bound) in enumerate(zip(where, mods))])
 
     @classmethod
     def for_model(cls, model: LlamaForCausalLM) -> FusedDecode | None:
@@ -42,7 +51,7 @@ class FusedDecode:
             mods.append(cls._parts(layer))
             if not all(isinstance(p, Q4Linear) for p in (attn.fused, attn.o_proj, mlp.fused, mlp.down_proj)):
                 return None
-        return cls(mods)
+        return cls(model, mods)
 
     @staticmethod
     def _parts(layer: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
@@ -53,9 +62,10 @@ class FusedDecode:
         """Per layer, the LoRA wrappers around bound projections (part name, wrapper); None when a layer no
         longer runs as bound (a projection replaced, an adapter merged into a quantized base)."""
         out = []
-        for layer, mods in zip(model.model.layers, self.modules):
+        for places in self.places:
             found = []
-            for i, (now, bound) in enumerate(zip(self._parts(layer), mods)):
+            for d, key, bound, i in places:
+                now = d.get(key)
                 if now is bound:
                     continue
                 if i not in _WRAPPABLE or not isinstance(now, LoRALinear) or now.base is not bound or now.merged:
