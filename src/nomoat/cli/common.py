@@ -85,10 +85,10 @@ def print_stats(lm, st) -> None:
         f"generated {st.generated_tokens} tok, {st.decode_tps:.1f} tok/s | "
         f"peak RSS {peak_rss_mib():.0f} MiB | finish: {st.finish_reason}"
         + (f" | {cpu.threads} threads, weights {lm.quant}, {cpu.reasons['threads'].split(': ', 1)[-1]}"
-           if cpu else "") + f" | kernels: {_kernels(lm)}[/dim]", soft_wrap=True)
+           if cpu else "") + f" | kernels: {kernels_line(lm)}[/dim]", soft_wrap=True)
 
 
-def _kernels(lm) -> str:
+def kernels_line(lm) -> str:
     """Which kernels ran the weights: nomoat's native build (and which), or torch's."""
     from nomoat import kernels
 
