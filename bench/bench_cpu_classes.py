@@ -7,8 +7,9 @@ Users' machines differ from this one: many have no AVX-512 BF16 (bf16 matmuls ar
 several times slower) and laptops often have no AVX-512 at all. Each class runs every bench with:
 - native: the machine as it is.
 - avx2: torch's own kernels limited to AVX2 (`ATEN_CPU_CAPABILITY=avx2`) and oneDNN's matmuls to AVX2
-  (`ONEDNN_MAX_CPU_ISA=AVX2`), and nomoat's CPU detection told the same (`NOMOAT_CPU_FEATURES=avx2`):
-  an AVX2-only laptop as far as PyTorch can be made to behave like one.
+  (`ONEDNN_MAX_CPU_ISA=AVX2`), nomoat's CPU detection told the same (`NOMOAT_CPU_FEATURES=avx2`) and its
+  native kernels built for AVX2 (`NOMOAT_NATIVE_ISA=avx2`): an AVX2-only laptop as far as PyTorch can be
+  made to behave like one.
 - avx512-nobf16: oneDNN capped below BF16 (`AVX512_CORE_VNNI`) and detection without bf16 flags: the
   matmul side of a Xeon without BF16 (torch's own AVX-512 kernels still run natively).
 llama.cpp keeps its native build in every class (it picks its instruction set when compiled), so its
@@ -31,7 +32,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CLASSES = {
     "native": {},
-    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "NOMOAT_CPU_FEATURES": "avx2"},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "NOMOAT_CPU_FEATURES": "avx2",
+             "NOMOAT_NATIVE_ISA": "avx2"},
     "avx512-nobf16": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI",
                       "NOMOAT_CPU_FEATURES": "avx2,avx512f,avx512_vnni"},
 }

@@ -333,3 +333,23 @@ def test_fused_batch_equals_each_sequence_alone(tiny_q4):
     assert slots.capacity >= 17 + 12
     for row in range(3):
         assert torch.equal(batched[row], alone[row]), row
+
+
+@pytest.mark.parametrize("env, why", [({"PATH": "/nonexistent"}, "no C compiler"),
+                                      ({"CC": "false", "PATH": "/nonexistent"}, "the C build failed")])
+def test_without_a_working_compiler_torch_kernels_run(tmp_path, env, why):
+    """No compiler, or one that fails: nothing is left half-built, `info`'s reason says why, and the model
+    loads and generates on torch's kernels."""
+    import shutil
+
+    cc = {"CC": shutil.which("false")} if "CC" in env else {}
+    code = ("from nomoat.runtime.loading import load; from nomoat.quant import Int4Linear; import torch;"
+            "lm = load(quant='auto');"
+            "assert isinstance(lm.model.model.layers[0].mlp.down_proj, Int4Linear);"
+            "print(lm.cpu.reasons['native kernels']);"
+            "print(lm.model(torch.tensor([[1, 2, 3]])).shape)")
+    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env, **cc,
+                                                             "NOMOAT_KERNEL_CACHE": str(tmp_path / "k")},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and why in run.stdout, run.stderr[-2000:]
+    assert not any((tmp_path / "k").rglob("*.so"))

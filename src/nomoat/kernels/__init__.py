@@ -84,6 +84,14 @@ def _compiler_version(cc: str) -> str:
     return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
 
 
+def _writable(d: Path) -> bool:
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        return os.access(d, os.W_OK)
+    except OSError:
+        return False
+
+
 def build_path(cc: str | None = None) -> Path:
     """Where this machine's build lives: a name made from everything that changes the binary."""
     cc = cc or _compiler() or "cc"
@@ -112,6 +120,9 @@ def library() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as e:
         _status = f"unavailable: {cc} --version failed ({e})"
         return None
+    if not target.exists() and not _writable(target.parent):
+        # A read-only home (a container, a shared account): build where this user can write.
+        target = Path(tempfile.gettempdir()) / f"nomoat-kernels-{os.getuid()}" / target.name
     if not target.exists():
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
