@@ -356,14 +356,14 @@ typedef struct {
     int n_lora;
 } nm_layer;
 
-/* Add the layer's updates on `part` to out (row b at out + b * ldout + off, n values) from in (k values). */
-static void apply_lora(const nm_layer *ly, int part, int B, const float *in, int ldin, int k, float *out, int ldout,
+/* Add the layer's updates on `part` for row b to out (at out + b * ldout + off, n values) from in (k values). */
+static void apply_lora(const nm_layer *ly, int part, int b, const float *in, int ldin, int k, float *out, int ldout,
                        int off, int n) {
     float t[MAX_RANK];
     for (int i = 0; i < ly->n_lora; i++) {
         const nm_lora *a = &ly->lora[i];
         if (a->part != part) continue;
-        for (int b = 0; b < B; b++) {
+        {
             float wb = a->w[b] * a->scale;
             if (wb == 0.f) continue;
             const float *xb = in + (size_t)b * ldin;
@@ -500,12 +500,12 @@ int nm_decode(const nm_shape *S, const nm_layer *L, int B, const int *pos, const
     for (int b = 0; b < B; b++) maxlen = pos[b] + 1 > maxlen ? pos[b] + 1 : maxlen;
     float *h = malloc(sizeof(float) * (size_t)B * kmax), *qkv = malloc(sizeof(float) * (size_t)B * nqkv);
     float *att = malloc(sizeof(float) * (size_t)B * nq), *gu = malloc(sizeof(float) * 2 * (size_t)B * F);
-    float *o = malloc(sizeof(float) * (size_t)B * H);
+    float *o = malloc(sizeof(float) * (size_t)B * H), *act = malloc(sizeof(float) * (size_t)B * F);
     float *scores = malloc(sizeof(float) * (size_t)B * S->heads * maxlen);
     int8_t *xq = malloc((size_t)B * kmax);
     float *xd = malloc(sizeof(float) * (size_t)B * Gmax), *xs = malloc(sizeof(float) * (size_t)B * Gmax);
     int rc = 0;
-    if (!h || !qkv || !att || !gu || !o || !scores || !xq || !xd || !xs) {
+    if (!h || !qkv || !att || !gu || !o || !act || !scores || !xq || !xd || !xs) {
         rc = -1;
         goto done;
     }
@@ -521,38 +521,39 @@ int nm_decode(const nm_shape *S, const nm_layer *L, int B, const int *pos, const
         int i0, i1;
         for (int l = 0; l < S->layers; l++) {
             const nm_layer *ly = &L[l];
-            if (tid == 0)
-                for (int b = 0; b < B; b++) {
-                    rms_norm(x + (size_t)b * H, ly->ln1, h + (size_t)b * H, H, S->eps);
-                    quantize_act(h + (size_t)b * H, H, xq + (size_t)b * H, xd + (size_t)b * (H / QK), xs + (size_t)b * (H / QK), 1);
-                }
+            /* Row work (norms, rotary, cache writes, updates, SwiGLU, int8 rounding) is split by row: thread t
+             * owns rows t, t + nth, ... in every such section, so a row's sections need no barrier between
+             * them; the matrix products and attention read every row and wait for all of them. */
+            for (int b = tid; b < B; b += nth) {
+                rms_norm(x + (size_t)b * H, ly->ln1, h + (size_t)b * H, H, S->eps);
+                quantize_act(h + (size_t)b * H, H, xq + (size_t)b * H, xd + (size_t)b * (H / QK), xs + (size_t)b * (H / QK), 1);
+            }
 #pragma omp barrier
             share(nqkv, tid, nth, &i0, &i1);
             q4_rows_all(&ly->qkv, i0, i1, B, xq, xd, xs, qkv, nqkv);
 #pragma omp barrier
-            if (tid == 0 && ly->n_lora) {
-                apply_lora(ly, 0, B, h, H, H, qkv, nqkv, 0, nq);
-                apply_lora(ly, 1, B, h, H, H, qkv, nqkv, nq, nkv);
-                apply_lora(ly, 2, B, h, H, H, qkv, nqkv, nq + nkv, nkv);
-            }
-            if (tid == 0)
-                for (int b = 0; b < B; b++) {
-                    float *qb = qkv + (size_t)b * nqkv;
-                    const float *cb = cos + (size_t)pos[b] * hd, *sb = sin + (size_t)pos[b] * hd;
-                    for (int a = 0; a < S->heads; a++) rotate(qb + a * hd, cb, sb, hd);
-                    for (int a = 0; a < S->kv_heads; a++) {
-                        rotate(qb + nq + a * hd, cb, sb, hd);
-                        size_t at = b * slot_stride + a * head_stride + (size_t)pos[b] * hd;
-                        const float *kn = qb + nq + a * hd, *vn = qb + nq + nkv + a * hd;
-                        if (S->kv_half) {
-                            uint16_t *kc = (uint16_t *)ly->k_cache + at, *vc = (uint16_t *)ly->v_cache + at;
-                            for (int j = 0; j < hd; j++) kc[j] = _cvtss_sh(kn[j], 0), vc[j] = _cvtss_sh(vn[j], 0);
-                        } else {
-                            memcpy((float *)ly->k_cache + at, kn, sizeof(float) * hd);
-                            memcpy((float *)ly->v_cache + at, vn, sizeof(float) * hd);
-                        }
+            for (int b = tid; b < B; b += nth) {
+                if (ly->n_lora) {
+                    apply_lora(ly, 0, b, h, H, H, qkv, nqkv, 0, nq);
+                    apply_lora(ly, 1, b, h, H, H, qkv, nqkv, nq, nkv);
+                    apply_lora(ly, 2, b, h, H, H, qkv, nqkv, nq + nkv, nkv);
+                }
+                float *qb = qkv + (size_t)b * nqkv;
+                const float *cb = cos + (size_t)pos[b] * hd, *sb = sin + (size_t)pos[b] * hd;
+                for (int a = 0; a < S->heads; a++) rotate(qb + a * hd, cb, sb, hd);
+                for (int a = 0; a < S->kv_heads; a++) {
+                    rotate(qb + nq + a * hd, cb, sb, hd);
+                    size_t at = b * slot_stride + a * head_stride + (size_t)pos[b] * hd;
+                    const float *kn = qb + nq + a * hd, *vn = qb + nq + nkv + a * hd;
+                    if (S->kv_half) {
+                        uint16_t *kc = (uint16_t *)ly->k_cache + at, *vc = (uint16_t *)ly->v_cache + at;
+                        for (int j = 0; j < hd; j++) kc[j] = _cvtss_sh(kn[j], 0), vc[j] = _cvtss_sh(vn[j], 0);
+                    } else {
+                        memcpy((float *)ly->k_cache + at, kn, sizeof(float) * hd);
+                        memcpy((float *)ly->v_cache + at, vn, sizeof(float) * hd);
                     }
                 }
+            }
 #pragma omp barrier
 #pragma omp for schedule(static)
             for (int it = 0; it < B * S->kv_heads * split; it++) {
@@ -566,51 +567,47 @@ int nm_decode(const nm_shape *S, const nm_layer *L, int B, const int *pos, const
                              (char *)ly->v_cache + kv, S->kv_half, pos[b] + 1, hd,
                              scores + ((size_t)b * S->heads + qh) * maxlen, att + (size_t)b * nq + qh * hd);
             }
-            if (tid == 0)
-                for (int b = 0; b < B; b++)
-                    quantize_act(att + (size_t)b * nq, nq, xq + (size_t)b * nq, xd + (size_t)b * (nq / QK), xs + (size_t)b * (nq / QK), 1);
+            for (int b = tid; b < B; b += nth)
+                quantize_act(att + (size_t)b * nq, nq, xq + (size_t)b * nq, xd + (size_t)b * (nq / QK), xs + (size_t)b * (nq / QK), 1);
 #pragma omp barrier
             share(H, tid, nth, &i0, &i1);
             q4_rows_all(&ly->o, i0, i1, B, xq, xd, xs, o, H);
 #pragma omp barrier
-            if (tid == 0 && ly->n_lora) apply_lora(ly, 3, B, att, nq, nq, o, H, 0, H);
-            if (tid == 0)
-                for (int b = 0; b < B; b++) {
-                    float *xb = x + (size_t)b * H;
-                    for (int i = 0; i < H; i++) xb[i] += o[(size_t)b * H + i];
-                    rms_norm(xb, ly->ln2, h + (size_t)b * H, H, S->eps);
-                    quantize_act(h + (size_t)b * H, H, xq + (size_t)b * H, xd + (size_t)b * (H / QK), xs + (size_t)b * (H / QK), 1);
-                }
+            for (int b = tid; b < B; b += nth) {
+                if (ly->n_lora) apply_lora(ly, 3, b, att, nq, nq, o, H, 0, H);
+                float *xb = x + (size_t)b * H;
+                for (int i = 0; i < H; i++) xb[i] += o[(size_t)b * H + i];
+                rms_norm(xb, ly->ln2, h + (size_t)b * H, H, S->eps);
+                quantize_act(h + (size_t)b * H, H, xq + (size_t)b * H, xd + (size_t)b * (H / QK), xs + (size_t)b * (H / QK), 1);
+            }
 #pragma omp barrier
             share(2 * F, tid, nth, &i0, &i1);
             q4_rows_all(&ly->gate_up, i0, i1, B, xq, xd, xs, gu, 2 * F);
 #pragma omp barrier
-            if (tid == 0 && ly->n_lora) {
-                apply_lora(ly, 4, B, h, H, H, gu, 2 * F, 0, F);
-                apply_lora(ly, 5, B, h, H, H, gu, 2 * F, F, F);
-            }
-            if (tid == 0)
-                for (int b = 0; b < B; b++) {
-                    const float *gb = gu + (size_t)b * 2 * F;
-                    float *hb = h + (size_t)b * F;
-#pragma omp simd
-                    for (int i = 0; i < F; i++) {
-                        float g = gb[i];
-                        float e = exp_neg(g > 0.f ? -g : g); /* silu without overflow: e^-|g| */
-                        float sig = g > 0.f ? 1.f / (1.f + e) : e / (1.f + e);
-                        hb[i] = g * sig * gb[F + i];
-                    }
-                    quantize_act(hb, F, xq + (size_t)b * F, xd + (size_t)b * (F / QK), xs + (size_t)b * (F / QK), 1);
+            for (int b = tid; b < B; b += nth) {
+                if (ly->n_lora) {
+                    apply_lora(ly, 4, b, h, H, H, gu, 2 * F, 0, F);
+                    apply_lora(ly, 5, b, h, H, H, gu, 2 * F, F, F);
                 }
+                const float *gb = gu + (size_t)b * 2 * F;
+                float *hb = act + (size_t)b * F; /* not h: the next layer's norms write h before all rows are done */
+#pragma omp simd
+                for (int i = 0; i < F; i++) {
+                    float g = gb[i];
+                    float e = exp_neg(g > 0.f ? -g : g); /* silu without overflow: e^-|g| */
+                    float sig = g > 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+                    hb[i] = g * sig * gb[F + i];
+                }
+                quantize_act(hb, F, xq + (size_t)b * F, xd + (size_t)b * (F / QK), xs + (size_t)b * (F / QK), 1);
+            }
 #pragma omp barrier
             share(H, tid, nth, &i0, &i1);
             q4_rows_all(&ly->down, i0, i1, B, xq, xd, xs, o, H);
 #pragma omp barrier
-            if (tid == 0 && ly->n_lora) apply_lora(ly, 6, B, h, F, F, o, H, 0, H);
-            if (tid == 0)
-                for (int b = 0; b < B; b++)
-                    for (int i = 0; i < H; i++) x[(size_t)b * H + i] += o[(size_t)b * H + i];
-#pragma omp barrier
+            for (int b = tid; b < B; b += nth) { /* no barrier after: the next layer starts on the same rows */
+                if (ly->n_lora) apply_lora(ly, 6, b, act, F, F, o, H, 0, H);
+                for (int i = 0; i < H; i++) x[(size_t)b * H + i] += o[(size_t)b * H + i];
+            }
         }
     }
     for (int b = 0; b < B; b++) {
@@ -618,6 +615,6 @@ int nm_decode(const nm_shape *S, const nm_layer *L, int B, const int *pos, const
         memcpy(x + (size_t)b * H, h, sizeof(float) * H);
     }
 done:
-    free(h), free(qkv), free(att), free(gu), free(o), free(scores), free(xq), free(xd), free(xs);
+    free(h), free(qkv), free(att), free(gu), free(o), free(act), free(scores), free(xq), free(xd), free(xs);
     return rc;
 }
