@@ -84,8 +84,10 @@ def run_nomoat(args: argparse.Namespace, dtype: str, train_on_prompt: bool) -> d
     total = args.warmup + args.steps
     if dtype == "auto":  # what `nomoat finetune` picks here with no --dtype
         dtype = TrainConfig(data="", out="").base_dtype()
-    lm = load(args.model, dtype="bfloat16", quant="q4", threads=args.threads) if dtype == "qlora" else \
-        load(args.model, dtype=dtype, threads=args.threads)
+    if dtype == "qlora":  # as `finetune --qlora` loads it
+        lm = load(args.model, dtype="bfloat16", quant="q4", threads=args.threads, for_training=True)
+    else:
+        lm = load(args.model, dtype=dtype, threads=args.threads)
     rss_load = peak_rss_mib()
     out = Path(args.work) / f"nomoat-{dtype}-{int(train_on_prompt)}"
     cfg = TrainConfig(data=args.data, out=str(out), max_steps=total, batch_size=BATCH, seq_len=SEQ, pack=True,
