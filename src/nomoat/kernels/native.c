@@ -257,31 +257,7 @@ static void q8_rows(const int8_t *codes, const uint16_t *scales, int k, int i0, 
 #ifdef NM_AVX512
     const __m512i base = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     const __m512i zero = _mm512_setzero_si512();
-    int i = i0;
-    if (mr == 1) /* four output rows at once: independent chains, one activation load for all four */
-        for (; i + 4 <= i1; i += 4) {
-            __m512 acc[4];
-            for (int t = 0; t < 4; t++) acc[t] = _mm512_setzero_ps();
-            for (int c = 0; c < G; c += 16) {
-                int ng = G - c < 16 ? G - c : 16;
-                __mmask16 km = (__mmask16)((1u << ng) - 1);
-                __m512 xdv = _mm512_maskz_loadu_ps(km, xd + c), sc[4];
-                for (int t = 0; t < 4; t++)
-                    sc[t] = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, scales + (size_t)(i + t) * G + c)), xdv);
-                for (int p = 0; p < ng; p += 2) {
-                    __m512i xv = _mm512_loadu_si512((const void *)(xq + (size_t)(c + p) * QK));
-                    __m512i idx = _mm512_add_epi32(base, _mm512_set1_epi32(p));
-                    for (int t = 0; t < 4; t++) {
-                        __m512i w = _mm512_loadu_si512((const void *)(codes + (size_t)(i + t) * k + (size_t)(c + p) * QK));
-                        __m512i xs = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(w), zero, xv);
-                        __m512i dot = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(w), xs);
-                        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx, sc[t]), acc[t]);
-                    }
-                }
-            }
-            for (int t = 0; t < 4; t++) y[i + t] = _mm512_reduce_add_ps(acc[t]);
-        }
-    for (; i < i1; i++) {
+    for (int i = i0; i < i1; i++) {
         const int8_t *wn = codes + (size_t)i * k;
         const uint16_t *dn = scales + (size_t)i * G;
         __m512 acc[MAXM];
@@ -309,28 +285,7 @@ static void q8_rows(const int8_t *codes, const uint16_t *scales, int k, int i0, 
     }
 #else
     const __m256i ones = _mm256_set1_epi16(1);
-    int i = i0;
-    if (mr == 1) /* four output rows at once, as in q4_rows */
-        for (; i + 4 <= i1; i += 4) {
-            __m256 acc[4];
-            for (int t = 0; t < 4; t++) acc[t] = _mm256_setzero_ps();
-            for (int g = 0; g < G; g++) {
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)g * QK));
-                for (int t = 0; t < 4; t++) {
-                    __m256i w = _mm256_loadu_si256((const __m256i *)(codes + (size_t)(i + t) * k + (size_t)g * QK));
-                    __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w)), ones);
-                    float sc = h2f(scales[(size_t)(i + t) * G + g]) * xd[g];
-                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(sc), acc[t]);
-                }
-            }
-            for (int t = 0; t < 4; t++) {
-                __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
-                s = _mm_hadd_ps(s, s);
-                s = _mm_hadd_ps(s, s);
-                y[i + t] = _mm_cvtss_f32(s);
-            }
-        }
-    for (; i < i1; i++) {
+    for (int i = i0; i < i1; i++) {
         const int8_t *wn = codes + (size_t)i * k;
         const uint16_t *dn = scales + (size_t)i * G;
         __m256 acc[MAXM];
