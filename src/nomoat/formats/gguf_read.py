@@ -256,6 +256,7 @@ class GGUFModelFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         check_header(self.path)
+        self._dropped: set[str] = set()
         self.fields, self.tensors = parse_gguf(self.path)
         self.arch = self.get("general.architecture", "llama")
         if not isinstance(self.arch, str):
@@ -280,7 +281,18 @@ class GGUFModelFile:
                     base.madvise(mmap.MADV_DONTNEED)
             return  # one map holds every tensor
 
+    def drop_fields(self, keys: tuple[str, ...]) -> None:
+        """Forget large metadata (the vocabulary once the tokenizer holds it: ~13 MiB of Python strings for a
+        49k vocabulary); a later `get` of any of them reads the header again."""
+        for k in keys:
+            if k in self.fields:
+                del self.fields[k]
+                self._dropped.add(k)
+
     def get(self, key: str, default: Any = None) -> Any:
+        if key in self._dropped:
+            self.fields, _ = parse_gguf(self.path)
+            self._dropped.clear()
         return self.fields.get(key, default)
 
     def _arch(self, key: str, default: Any = None) -> Any:

@@ -288,6 +288,9 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, quant: str
     ckpt = open_checkpoint(path)
     cfg = ckpt.config()
     tokenizer = load_tokenizer(ckpt)
+    if isinstance(ckpt, GGUFModelFile):  # the tokenizer holds them now; export reads them again if it needs them
+        ckpt.drop_fields(("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                          "tokenizer.ggml.scores"))
     names = ckpt.hf_names()
     check_shapes(ckpt, cfg)
     quantize = quantizes(ckpt, quant)
