@@ -50,35 +50,31 @@ static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
 
 /* ---------------------------------------------------------------- activations -> int8 blocks */
 
-#ifdef NM_AVX512
-/* The AVX-512 Q4 kernel unpacks 64 nibble bytes (4 blocks) into their low halves [b0 0-15, b1 0-15, b2 0-15,
- * b3 0-15] and high halves [b0 16-31, ...]; activations are laid out the same way, per 4 blocks, and the
- * last 2 blocks of a row whose block count is not a multiple of 4 as [b0 0-15, b1 0-15, b0 16-31, b1 16-31]. */
+/* The Q4 kernels unpack a row's nibble bytes several blocks at a time: 64 bytes (4 blocks) with AVX-512 into
+ * their low halves [b0 0-15, b1 0-15, b2 0-15, b3 0-15] and high halves [b0 16-31, ...], 32 bytes (2 blocks) with
+ * AVX2 into [b0 0-15, b1 0-15] and [b0 16-31, b1 16-31]. Activations are laid out the same way: per 4 blocks
+ * (AVX-512; the last 2 of a row whose block count is not a multiple of 4 as a pair), or per 2 (AVX2). */
 static void q4_order(const int8_t *q, int G, int8_t *out) {
     int b = 0;
+#ifdef NM_AVX512
     for (; b + 4 <= G; b += 4)
         for (int j = 0; j < 4; j++) {
             memcpy(out + b * QK + j * 16, q + (b + j) * QK, 16);
             memcpy(out + b * QK + 64 + j * 16, q + (b + j) * QK + 16, 16);
         }
+#endif
     for (; b + 2 <= G; b += 2)
         for (int j = 0; j < 2; j++) {
             memcpy(out + b * QK + j * 16, q + (b + j) * QK, 16);
             memcpy(out + b * QK + 32 + j * 16, q + (b + j) * QK + 16, 16);
         }
 }
-#endif
 
 /* x (k floats) -> int8 codes per block of 32, block scales xd and xd * sum(codes) per block; `q4` asks for
  * the Q4 kernel's order (see q4_order), else blocks stay in natural order. */
 static void quantize_act(const float *x, int k, int8_t *q, float *xd, float *xs, int q4) {
     int8_t tmp[4096];
-    int8_t *dst = q;
-#ifdef NM_AVX512
-    if (q4) dst = k <= 4096 ? tmp : malloc((size_t)k);
-#else
-    (void)q4;
-#endif
+    int8_t *dst = q4 ? (k <= 4096 ? tmp : malloc((size_t)k)) : q;
     for (int b = 0; b < k / QK; b++) {
         const float *xb = x + b * QK;
         float amax = 0.f;
@@ -96,12 +92,10 @@ static void quantize_act(const float *x, int k, int8_t *q, float *xd, float *xs,
         xd[b] = d;
         xs[b] = d * (float)sum;
     }
-#ifdef NM_AVX512
     if (q4) {
         q4_order(dst, k / QK, q);
         if (dst != tmp) free(dst);
     }
-#endif
 }
 
 /* ---------------------------------------------------------------- Q4 rows */
@@ -152,6 +146,22 @@ static inline void q4_row_avx512(const uint8_t *wn, const uint16_t *dn, const ui
 }
 #endif
 
+#ifndef NM_AVX512
+/* Up to 8 floats / fp16 values as a vector, zeros past n. */
+static inline __m256 load8f(const float *p, int n) {
+    if (n == 8) return _mm256_loadu_ps(p);
+    float a[8] = {0};
+    for (int j = 0; j < n; j++) a[j] = p[j];
+    return _mm256_loadu_ps(a);
+}
+static inline __m256 load8h(const uint16_t *p, int n) {
+    if (n == 8) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    uint16_t a[8] = {0};
+    for (int j = 0; j < n; j++) a[j] = p[j];
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)a));
+}
+#endif
+
 /* y[r * ldy + i] = sum_k x_r[k] * w_i[k] for output rows i in [i0, i1), activation rows r < mr. */
 static void q4_rows(const q4mat *W, int i0, int i1, int mr, const int8_t *xq, const float *xd,
                     const float *xs, float *y, int ldy) {
@@ -176,76 +186,70 @@ static void q4_rows(const q4mat *W, int i0, int i1, int mr, const int8_t *xq, co
         for (int r = 0; r < mr; r++) y[(size_t)r * ldy + i] = _mm512_reduce_add_ps(acc[r]);
     }
 #else
-    const __m128i low = _mm_set1_epi8(0x0F);
-    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const __m256i pair = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0);
+#define Q4_AVX2_BODY(TILE, MR)                                                                                       \
+    {                                                                                                                \
+        __m256 acc[TILE][MR];                                                                                        \
+        for (int t = 0; t < TILE; t++)                                                                               \
+            for (int r = 0; r < MR; r++) acc[t][r] = _mm256_setzero_ps();                                            \
+        for (int c = 0; c < G; c += 8) { /* 8 blocks: their scales converted at once */                              \
+            int ng = G - c < 8 ? G - c : 8;                                                                          \
+            __m256 sc[TILE][MR], xdv[MR], xsv[MR];                                                                   \
+            for (int r = 0; r < MR; r++) {                                                                           \
+                xdv[r] = load8f(xd + (size_t)r * G + c, ng), xsv[r] = load8f(xs + (size_t)r * G + c, ng);            \
+            }                                                                                                        \
+            for (int t = 0; t < TILE; t++) {                                                                         \
+                __m256 dv = load8h(W->d + (size_t)(i + t) * G + c, ng);                                              \
+                __m256 mv = load8h(W->m + (size_t)(i + t) * G + c, ng);                                              \
+                for (int r = 0; r < MR; r++) {                                                                       \
+                    sc[t][r] = _mm256_mul_ps(dv, xdv[r]);                                                            \
+                    acc[t][r] = _mm256_fmadd_ps(mv, xsv[r], acc[t][r]);                                              \
+                }                                                                                                    \
+            }                                                                                                        \
+            for (int p = 0; p < ng; p += 2) {                                                                        \
+                __m256i idx = _mm256_add_epi32(pair, _mm256_set1_epi32(p));                                          \
+                __m256i wlo[TILE], whi[TILE];                                                                        \
+                for (int t = 0; t < TILE; t++) {                                                                     \
+                    __m256i v = _mm256_loadu_si256(                                                                  \
+                        (const __m256i *)(W->nib + (size_t)(i + t) * (k / 2) + (size_t)(c + p) * 16));               \
+                    wlo[t] = _mm256_and_si256(v, low), whi[t] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);      \
+                }                                                                                                    \
+                for (int r = 0; r < MR; r++) {                                                                       \
+                    const int8_t *xr = xq + (size_t)r * k + (size_t)(c + p) * QK;                                    \
+                    __m256i xlo = _mm256_loadu_si256((const __m256i *)xr);                                           \
+                    __m256i xhi = _mm256_loadu_si256((const __m256i *)(xr + 32));                                    \
+                    for (int t = 0; t < TILE; t++) {                                                                 \
+                        __m256i s16 =                                                                                \
+                            _mm256_add_epi16(_mm256_maddubs_epi16(wlo[t], xlo), _mm256_maddubs_epi16(whi[t], xhi)); \
+                        __m256i dot = _mm256_madd_epi16(s16, ones);                                                  \
+                        acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_permutevar8x32_ps(sc[t][r], idx), \
+                                                    acc[t][r]);                                                      \
+                    }                                                                                                \
+                }                                                                                                    \
+            }                                                                                                        \
+        }                                                                                                            \
+        for (int t = 0; t < TILE; t++)                                                                               \
+            for (int r = 0; r < MR; r++) {                                                                           \
+                __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[t][r]), _mm256_extractf128_ps(acc[t][r], 1));      \
+                s = _mm_hadd_ps(s, s);                                                                               \
+                s = _mm_hadd_ps(s, s);                                                                               \
+                y[(size_t)r * ldy + i + t] = _mm_cvtss_f32(s);                                                       \
+            }                                                                                                        \
+    }
     int i = i0;
-    if (mr == 1) /* four output rows at once (independent chains), block scales converted 8 at a time */
-        for (; i + 4 <= i1; i += 4) {
-            __m256 acc[4], mta[4];
-            for (int t = 0; t < 4; t++) acc[t] = _mm256_setzero_ps(), mta[t] = _mm256_setzero_ps();
-            for (int c = 0; c < G; c += 8) {
-                int ng = G - c < 8 ? G - c : 8;
-                float sc[4][8];
-                __m256 xdv, xsv;
-                if (ng == 8) {
-                    xdv = _mm256_loadu_ps(xd + c), xsv = _mm256_loadu_ps(xs + c);
-                } else {
-                    float a[8] = {0}, b[8] = {0};
-                    memcpy(a, xd + c, sizeof(float) * ng), memcpy(b, xs + c, sizeof(float) * ng);
-                    xdv = _mm256_loadu_ps(a), xsv = _mm256_loadu_ps(b);
-                }
-                for (int t = 0; t < 4; t++) {
-                    const uint16_t *dn = W->d + (size_t)(i + t) * G + c, *mn = W->m + (size_t)(i + t) * G + c;
-                    uint16_t dh[8] = {0}, mh[8] = {0};
-                    memcpy(dh, dn, 2 * ng), memcpy(mh, mn, 2 * ng);
-                    __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dh));
-                    __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)mh));
-                    _mm256_storeu_ps(sc[t], _mm256_mul_ps(dv, xdv));
-                    mta[t] = _mm256_fmadd_ps(mv, xsv, mta[t]);
-                }
-                for (int g = 0; g < ng; g++) {
-                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)(c + g) * QK));
-                    for (int t = 0; t < 4; t++) {
-                        const uint8_t *wn = W->nib + (size_t)(i + t) * (k / 2) + (size_t)(c + g) * 16;
-                        __m128i v = _mm_loadu_si128((const __m128i *)wn);
-                        __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low), _mm_and_si128(v, low));
-                        __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
-                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(&sc[t][g]), acc[t]);
-                    }
-                }
-            }
-            for (int t = 0; t < 4; t++) {
-                __m256 a = _mm256_add_ps(acc[t], mta[t]);
-                __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-                s = _mm_hadd_ps(s, s);
-                s = _mm_hadd_ps(s, s);
-                y[i + t] = _mm_cvtss_f32(s);
-            }
-        }
+    if (mr == 1) /* four output rows at once: independent chains, one activation load for all four */
+        for (; i + 4 <= i1; i += 4) Q4_AVX2_BODY(4, 1)
     for (; i < i1; i++) {
-        const uint8_t *wn = W->nib + (size_t)i * (k / 2);
-        const uint16_t *dn = W->d + (size_t)i * G, *mn = W->m + (size_t)i * G;
-        __m256 acc[MAXM];
-        float mt[MAXM];
-        for (int r = 0; r < mr; r++) acc[r] = _mm256_setzero_ps(), mt[r] = 0.f;
-        for (int g = 0; g < G; g++) {
-            __m128i v = _mm_loadu_si128((const __m128i *)(wn + (size_t)g * 16));
-            __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low), _mm_and_si128(v, low));
-            float dg = h2f(dn[g]), mg = h2f(mn[g]);
-            for (int r = 0; r < mr; r++) {
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * k + (size_t)g * QK));
-                __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dg * xd[(size_t)r * G + g]), acc[r]);
-                mt[r] += mg * xs[(size_t)r * G + g];
-            }
-        }
-        for (int r = 0; r < mr; r++) {
-            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-            s = _mm_hadd_ps(s, s);
-            s = _mm_hadd_ps(s, s);
-            y[(size_t)r * ldy + i] = _mm_cvtss_f32(s) + mt[r];
+        switch (mr) { /* constant bounds keep the accumulators in registers */
+        case 1: Q4_AVX2_BODY(1, 1) break;
+        case 2: Q4_AVX2_BODY(1, 2) break;
+        case 3: Q4_AVX2_BODY(1, 3) break;
+        case 4: Q4_AVX2_BODY(1, 4) break;
+        default: Q4_AVX2_BODY(1, mr) break;
         }
     }
+#undef Q4_AVX2_BODY
 #endif
 }
 
@@ -290,14 +294,19 @@ static void q8_rows(const int8_t *codes, const uint16_t *scales, int k, int i0, 
         const uint16_t *dn = scales + (size_t)i * G;
         __m256 acc[MAXM];
         for (int r = 0; r < mr; r++) acc[r] = _mm256_setzero_ps();
-        for (int g = 0; g < G; g++) {
-            __m256i w = _mm256_loadu_si256((const __m256i *)(wn + (size_t)g * QK));
-            __m256i aw = _mm256_sign_epi8(w, w);
-            float dg = h2f(dn[g]);
-            for (int r = 0; r < mr; r++) {
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * k + (size_t)g * QK));
-                __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), ones);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dg * xd[(size_t)r * G + g]), acc[r]);
+        for (int c = 0; c < G; c += 8) { /* 8 blocks' scales converted at once */
+            int ng = G - c < 8 ? G - c : 8;
+            float sc[MAXM][8];
+            __m256 dv = load8h(dn + c, ng);
+            for (int r = 0; r < mr; r++) _mm256_storeu_ps(sc[r], _mm256_mul_ps(dv, load8f(xd + (size_t)r * G + c, ng)));
+            for (int g = 0; g < ng; g++) {
+                __m256i w = _mm256_loadu_si256((const __m256i *)(wn + (size_t)(c + g) * QK));
+                __m256i aw = _mm256_sign_epi8(w, w);
+                for (int r = 0; r < mr; r++) {
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)r * k + (size_t)(c + g) * QK));
+                    __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), ones);
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(&sc[r][g]), acc[r]);
+                }
             }
         }
         for (int r = 0; r < mr; r++) {
