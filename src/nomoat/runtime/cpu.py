@@ -239,8 +239,10 @@ def plan_for(features: CpuFeatures | None = None, threads: int | None = None) ->
     native = kernels.library() is not None
     reasons = {
         "train dtype": f"{train_dtype}: {bf16_why}",
-        "quant kernel": f"int4: {kernel_why}",
-        "activation dtype": f"{act}: {act_why}",
+        "quant kernel": ("native q4/q8_0 (the file's blocks, int8 activations as in llama.cpp); torch int4 for QLoRA "
+                         "training" if native else f"int4: {kernel_why}"),
+        "activation dtype": (f"float32 on the native kernels; {act} on torch's int4/int8 (QLoRA training): {act_why}"
+                             if native else f"{act}: {act_why}"),
         "float matmul rows": f"{rows or 'never'}: {rows_why.removeprefix('never: ')}",
         "float dtype": f"float32: {float_why}",
         "threads": f"{threads}: {threads_why}",
