@@ -294,14 +294,15 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, quant: str
     names = ckpt.hf_names()
     check_shapes(ckpt, cfg)
     quantize = quantizes(ckpt, quant)
-    native = quantize and not for_training and cpu.native_kernels
+    plans = weight_plan(ckpt, quant) if quantize else {}
+    native = quantize and not for_training and cpu.native_kernels and isinstance(ckpt, GGUFModelFile) and any(
+        p.source in ("Q4_0", "Q4_1", "Q8_0") and p.how != "requantized" for p in plans.values())
     # The native kernels take float32 activations and round them to int8 themselves: the ops between them run
     # in float32 too (torch's int4/int8 kernels take bf16, so they keep the plan's activation dtype).
     torch_dtype = torch.float32 if native else DTYPES[cpu.activation_dtype] if quantize else DTYPES[dtype]
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, torch.nn.Module] = {}
     types = {n: ckpt.qtype(n) for n in names}
-    plans = weight_plan(ckpt, quant) if quantize else {}
     for k, n in enumerate(names):
         if k % 16 == 15:
             # The conversions' temporaries and the file pages read so far, before they pile up into the peak.
