@@ -60,13 +60,13 @@ print(json.dumps({"load_s": load_s, "first_s": first_s, "prompt_tps": sorted(p)[
 
 LLAMA_SIDE = r"""
 import json, resource, sys, time
-threads, n_prompt, n_decode, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+threads, n_prompt, n_decode, path, fa = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 import os, random
 threads = os.cpu_count() if threads == "auto" else int(threads)  # auto: llama.cpp's own default
 t0 = time.perf_counter()
 from llama_cpp import Llama
 llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_prompt + n_decode + 8,
-            n_batch=512, verbose=False)
+            n_batch=512, flash_attn=fa == "1", verbose=False)
 load_s = time.perf_counter() - t0
 rnd = random.Random(0)
 ids = [rnd.randrange(100, 40000) for _ in range(n_prompt)]
@@ -107,15 +107,19 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2", help="comma-separated; 'auto' lets each tool choose")
     ap.add_argument("--busy", type=int, default=0, help="run beside this many CPU-bound processes")
     ap.add_argument("--quant", default="auto", help="nomoat's --quant (auto keeps the file's Q4 blocks)")
+    ap.add_argument("--no-flash-attn", action="store_true",
+                    help="run llama.cpp without flash attention (default: on, its faster configuration here)")
     a = ap.parse_args()
     path = str(default_model_path())
     rows = []
     with busy(a.busy):
         for t in a.threads.split(","):
             ours = side(sys.executable, NOMOAT_SIDE, t, str(PROMPT_TOKENS), str(DECODE_TOKENS), a.quant)
-            ref = side(a.llama_python, LLAMA_SIDE, t, str(PROMPT_TOKENS), str(DECODE_TOKENS), path)
+            ref = side(a.llama_python, LLAMA_SIDE, t, str(PROMPT_TOKENS), str(DECODE_TOKENS), path,
+                       "0" if a.no_flash_attn else "1")
             rows.append((t if t != "auto" else f"auto({ours['threads']})", ours, ref))
-    print(f"model: {path}\nprompt {PROMPT_TOKENS} tokens, decode {DECODE_TOKENS} tokens greedy, median of 3"
+    print(f"model: {path}\nllama.cpp flash attention: {'off' if a.no_flash_attn else 'on'}\n"
+          f"prompt {PROMPT_TOKENS} tokens, decode {DECODE_TOKENS} tokens greedy, median of 3"
           + (f", beside {a.busy} CPU-bound process(es)" if a.busy else "") + "\n")
     print(f"{'threads':>7} {'metric':<14} {'nomoat':>10} {'llama.cpp':>10} {'ratio':>7}")
     for t, ours, ref in rows:
