@@ -107,8 +107,8 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2", help="comma-separated; 'auto' lets each tool choose")
     ap.add_argument("--busy", type=int, default=0, help="run beside this many CPU-bound processes")
     ap.add_argument("--quant", default="auto", help="nomoat's --quant (auto keeps the file's Q4 blocks)")
-    ap.add_argument("--no-flash-attn", action="store_true",
-                    help="run llama.cpp without flash attention (default: on, its faster configuration here)")
+    ap.add_argument("--flash-attn", action="store_true",
+                    help="run llama.cpp with flash attention (measured here: faster prompts, slower decoding)")
     a = ap.parse_args()
     path = str(default_model_path())
     rows = []
@@ -116,9 +116,9 @@ def main() -> None:
         for t in a.threads.split(","):
             ours = side(sys.executable, NOMOAT_SIDE, t, str(PROMPT_TOKENS), str(DECODE_TOKENS), a.quant)
             ref = side(a.llama_python, LLAMA_SIDE, t, str(PROMPT_TOKENS), str(DECODE_TOKENS), path,
-                       "0" if a.no_flash_attn else "1")
+                       "1" if a.flash_attn else "0")
             rows.append((t if t != "auto" else f"auto({ours['threads']})", ours, ref))
-    print(f"model: {path}\nllama.cpp flash attention: {'off' if a.no_flash_attn else 'on'}\n"
+    print(f"model: {path}\nllama.cpp flash attention: {'on' if a.flash_attn else 'off'}\n"
           f"prompt {PROMPT_TOKENS} tokens, decode {DECODE_TOKENS} tokens greedy, median of 3"
           + (f", beside {a.busy} CPU-bound process(es)" if a.busy else "") + "\n")
     print(f"{'threads':>7} {'metric':<14} {'nomoat':>10} {'llama.cpp':>10} {'ratio':>7}")
