@@ -151,6 +151,31 @@ def _decode(model, ids: list[int], prompt: int, fused: bool) -> torch.Tensor:
         model.fast_decode = saved
 
 
+def _steps_both_ways(m, ids, prompt, kv_dtype=torch.float32):
+    """Per step, from the same cache: (fused step's logits, model's own step's logits, whether fused served)."""
+    cache = KVCache(m.config, 1, len(ids) + 1, dtype=kv_dtype)
+    fast, out, served = m.fast_decode, [], []
+
+    def spy(*a):
+        served.append(fast(*a))
+        return served[-1]
+
+    with torch.inference_mode():
+        m(torch.tensor([ids[:prompt]]), cache=cache)
+        for t in ids[prompt:]:
+            twin = KVCache(m.config, 1, len(ids) + 1, dtype=kv_dtype)
+            twin.k.copy_(cache.k), twin.v.copy_(cache.v)
+            twin.pos = cache.pos
+            m.fast_decode = None
+            own = m(torch.tensor([[t]]), cache=twin)[0, -1]
+            m.fast_decode = spy
+            fused = m(torch.tensor([[t]]), cache=cache)[0, -1]
+            m.fast_decode = fast
+            assert cache.pos == twin.pos
+            out.append((fused, own, served[-1] is not None))
+    return out
+
+
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 def test_fused_step_equals_the_models_own_step(tiny_q4, kv_dtype):
     """Step by step from the same cache, the fused step and the model's own (torch ops around the same
@@ -162,21 +187,9 @@ def test_fused_step_equals_the_models_own_step(tiny_q4, kv_dtype):
     assert isinstance(m.lm_head, Q8Linear) and isinstance(m.model.layers[1].mlp.down_proj, Q4Linear)
     assert m.kv_dtype == torch.float16  # what generate and the server use with the fused step
     ids = torch.randint(0, m.config.vocab_size, (90,), generator=torch.Generator().manual_seed(0)).tolist()
-    cache = KVCache(m.config, 1, len(ids) + 1, dtype=kv_dtype)
-    fast = m.fast_decode
-    diffs = []
-    with torch.inference_mode():
-        m(torch.tensor([ids[:10]]), cache=cache)
-        for t in ids[10:]:
-            twin = KVCache(m.config, 1, len(ids) + 1, dtype=kv_dtype)
-            twin.k.copy_(cache.k), twin.v.copy_(cache.v)
-            twin.pos = cache.pos
-            m.fast_decode = None
-            own = m(torch.tensor([[t]]), cache=twin)[0, -1]
-            m.fast_decode = fast
-            fused = m(torch.tensor([[t]]), cache=cache)[0, -1]
-            assert cache.pos == twin.pos
-            diffs.append(float((fused - own).abs().max()))
+    steps = _steps_both_ways(m, ids, 10, kv_dtype)
+    assert all(served for _, _, served in steps)
+    diffs = [float((fused - own).abs().max()) for fused, own, _ in steps]
     exact = sum(d < 1e-4 for d in diffs)
     assert exact >= 0.9 * len(diffs), diffs
     assert max(diffs) < 0.3, diffs
@@ -201,30 +214,6 @@ def _strip(m):
     from nomoat.lora.inject import strip_lora
 
     strip_lora(m)
-
-
-def _steps_both_ways(m, ids, prompt):
-    """Per step, from the same cache: (fused step's logits, model's own step's logits, whether fused served)."""
-    cache = KVCache(m.config, 1, len(ids) + 1)
-    fast, out, served = m.fast_decode, [], []
-
-    def spy(*a):
-        served.append(fast(*a))
-        return served[-1]
-
-    with torch.inference_mode():
-        m(torch.tensor([ids[:prompt]]), cache=cache)
-        for t in ids[prompt:]:
-            twin = KVCache(m.config, 1, len(ids) + 1)
-            twin.k.copy_(cache.k), twin.v.copy_(cache.v)
-            twin.pos = cache.pos
-            m.fast_decode = None
-            own = m(torch.tensor([[t]]), cache=twin)[0, -1]
-            m.fast_decode = spy
-            fused = m(torch.tensor([[t]]), cache=cache)[0, -1]
-            m.fast_decode = fast
-            out.append((fused, own, served[-1] is not None))
-    return out
 
 
 def test_fused_step_runs_adapters_like_the_model(tiny_q4):

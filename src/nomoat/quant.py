@@ -201,14 +201,18 @@ class _QuantLinear(nn.Module):
     def dequantize(self) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _rows(self, x: Tensor) -> Tensor:
+        """x as (rows, in_features), after checking it is a float input of the right width."""
         if not x.is_floating_point() or x.shape[-1] != self.in_features:
             raise NomoatError(
                 f"{type(self).__name__}: expected a float input with last dim {self.in_features}, "
                 f"got {x.dtype} {tuple(x.shape)}"
             )
+        return x.reshape(-1, self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        x2 = self._rows(x)
         if self.float_rows and x2.shape[0] >= self.float_rows:
             xf = x2.float()
             y = _DequantMatmul.apply(xf, self) if torch.is_grad_enabled() and xf.requires_grad else \
@@ -414,13 +418,8 @@ class _NativeLinear(_QuantLinear):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        if not x.is_floating_point() or x.shape[-1] != self.in_features:
-            raise NomoatError(
-                f"{type(self).__name__}: expected a float input with last dim {self.in_features}, "
-                f"got {x.dtype} {tuple(x.shape)}"
-            )
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).float()
+        x2 = self._rows(x).float()
         if torch.is_grad_enabled() and x2.requires_grad:
             y = _DequantMatmul.apply(x2, self)
         else:

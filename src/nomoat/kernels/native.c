@@ -333,47 +333,44 @@ static int team_size(long work, int threads) {
 
 /* ---------------------------------------------------------------- public matrix products */
 
-/* y (m, n) = x (m, k) @ W.T for Q4 weights; k a multiple of 64. Returns 0. */
-int nm_q4_matmul(const uint8_t *nib, const uint16_t *d, const uint16_t *mn, int n, int k, const float *x, int m,
-                 float *y, int threads) {
-    q4mat W = {nib, d, mn, n, k};
+/* y (m, n) = x (m, k) @ W.T for Q4 weights (W) or Q8_0 ones (codes, scales); k a multiple of 64. Returns 0, or -1
+ * when out of memory. */
+static int product(const q4mat *W, const int8_t *codes, const uint16_t *scales, int n, int k, const float *x, int m,
+                   float *y, int threads) {
     int G = k / QK;
     int8_t *xq = malloc((size_t)m * k);
     float *xd = malloc(sizeof(float) * (size_t)m * G), *xs = malloc(sizeof(float) * (size_t)m * G);
     if (!xq || !xd || !xs) return free(xq), free(xd), free(xs), -1;
-    for (int r = 0; r < m; r++) quantize_act(x + (size_t)r * k, k, xq + (size_t)r * k, xd + (size_t)r * G, xs + (size_t)r * G, 1);
+    for (int r = 0; r < m; r++)
+        quantize_act(x + (size_t)r * k, k, xq + (size_t)r * k, xd + (size_t)r * G, xs + (size_t)r * G, W != NULL);
 #pragma omp parallel num_threads(team_size((long)n * k * m, threads))
     {
         int i0, i1;
         share(n, omp_get_thread_num(), omp_get_num_threads(), &i0, &i1);
         for (int r0 = 0; r0 < m; r0 += MAXM) {
             int mr = m - r0 < MAXM ? m - r0 : MAXM;
-            q4_rows(&W, i0, i1, mr, xq + (size_t)r0 * k, xd + (size_t)r0 * G, xs + (size_t)r0 * G, y + (size_t)r0 * n, n);
+            const int8_t *xr = xq + (size_t)r0 * k;
+            if (W)
+                q4_rows(W, i0, i1, mr, xr, xd + (size_t)r0 * G, xs + (size_t)r0 * G, y + (size_t)r0 * n, n);
+            else
+                q8_rows(codes, scales, k, i0, i1, mr, xr, xd + (size_t)r0 * G, y + (size_t)r0 * n, n);
         }
     }
     free(xq), free(xd), free(xs);
     return 0;
 }
 
-/* y (m, n) = x (m, k) @ W.T for Q8_0 weights (codes (n, k) int8, scales (n, k/32) fp16); k a multiple of 64. */
+/* Q4 weights: nib (n, k/2), d and m (n, k/32) fp16. */
+int nm_q4_matmul(const uint8_t *nib, const uint16_t *d, const uint16_t *mn, int n, int k, const float *x, int m,
+                 float *y, int threads) {
+    q4mat W = {nib, d, mn, n, k};
+    return product(&W, NULL, NULL, n, k, x, m, y, threads);
+}
+
+/* Q8_0 weights: codes (n, k) int8, scales (n, k/32) fp16. */
 int nm_q8_matmul(const int8_t *codes, const uint16_t *scales, int n, int k, const float *x, int m, float *y,
                  int threads) {
-    int G = k / QK;
-    int8_t *xq = malloc((size_t)m * k);
-    float *xd = malloc(sizeof(float) * (size_t)m * G), *xs = malloc(sizeof(float) * (size_t)m * G);
-    if (!xq || !xd || !xs) return free(xq), free(xd), free(xs), -1;
-    for (int r = 0; r < m; r++) quantize_act(x + (size_t)r * k, k, xq + (size_t)r * k, xd + (size_t)r * G, xs + (size_t)r * G, 0);
-#pragma omp parallel num_threads(team_size((long)n * k * m, threads))
-    {
-        int i0, i1;
-        share(n, omp_get_thread_num(), omp_get_num_threads(), &i0, &i1);
-        for (int r0 = 0; r0 < m; r0 += MAXM) {
-            int mr = m - r0 < MAXM ? m - r0 : MAXM;
-            q8_rows(codes, scales, k, i0, i1, mr, xq + (size_t)r0 * k, xd + (size_t)r0 * G, y + (size_t)r0 * n, n);
-        }
-    }
-    free(xq), free(xd), free(xs);
-    return 0;
+    return product(NULL, codes, scales, n, k, x, m, y, threads);
 }
 
 /* ---------------------------------------------------------------- the fused decoding step */
@@ -539,6 +536,21 @@ static void q4_rows_all(const q4mat *W, int i0, int i1, int B, const int8_t *xq,
                 xs + (size_t)r0 * G, y + (size_t)r0 * ldy, ldy);
 }
 
+/* Between two barriers, the team's share of W's output rows for all B activation rows (y: B x W->n). */
+static void product_phase(const q4mat *W, int tid, int nth, int B, const int8_t *xq, const float *xd, const float *xs,
+                          float *y) {
+    int i0, i1;
+#pragma omp barrier
+    share(W->n, tid, nth, &i0, &i1);
+    q4_rows_all(W, i0, i1, B, xq, xd, xs, y, W->n);
+#pragma omp barrier
+}
+
+/* Row b of `in` (k wide) rounded to int8 blocks into the shared activation buffers (Q4 order). */
+#define QUANT_ROW(in, b, k)                                                                                      \
+    quantize_act((in) + (size_t)(b) * (k), (k), xq + (size_t)(b) * (k), xd + (size_t)(b) * ((k) / QK),            \
+                 xs + (size_t)(b) * ((k) / QK), 1)
+
 /* One token for each of B sequences through every layer. Row b of x (B x hidden) is sequence b's
  * embedding in, its final normed hidden state out; it sits at position pos[b] of KV slot b (its K/V are
  * written there, and it attends over positions 0..pos[b]). cos/sin: the rotary tables (row p for position
@@ -571,7 +583,6 @@ int nm_decode(const nm_shape *S, const nm_layer *L, int B, const int *pos, const
         int split = pairs >= 2 * nth ? 1 : (2 * nth + pairs - 1) / pairs;
         split = split > rep ? rep : split;
         const int per = (rep + split - 1) / split;
-        int i0, i1;
         for (int l = 0; l < S->layers; l++) {
             const nm_layer *ly = &L[l];
             /* Row work (norms, rotary, cache writes, updates, SwiGLU, int8 rounding) is split by row: thread t
@@ -579,12 +590,9 @@ int nm_decode(const nm_shape *S, const nm_layer *L, int B, const int *pos, const
              * them; the matrix products and attention read every row and wait for all of them. */
             for (int b = tid; b < B; b += nth) {
                 rms_norm(x + (size_t)b * H, ly->ln1, h + (size_t)b * H, H, S->eps);
-                quantize_act(h + (size_t)b * H, H, xq + (size_t)b * H, xd + (size_t)b * (H / QK), xs + (size_t)b * (H / QK), 1);
+                QUANT_ROW(h, b, H);
             }
-#pragma omp barrier
-            share(nqkv, tid, nth, &i0, &i1);
-            q4_rows_all(&ly->qkv, i0, i1, B, xq, xd, xs, qkv, nqkv);
-#pragma omp barrier
+            product_phase(&ly->qkv, tid, nth, B, xq, xd, xs, qkv);
             for (int b = tid; b < B; b += nth) {
                 if (ly->n_lora) {
                     apply_lora(ly, 0, b, h, H, H, qkv, nqkv, 0, nq);
@@ -620,23 +628,16 @@ int nm_decode(const nm_shape *S, const nm_layer *L, int B, const int *pos, const
                              (char *)ly->v_cache + kv, S->kv_half, pos[b] + 1, hd,
                              scores + ((size_t)b * S->heads + qh) * maxlen, att + (size_t)b * nq + qh * hd);
             }
-            for (int b = tid; b < B; b += nth)
-                quantize_act(att + (size_t)b * nq, nq, xq + (size_t)b * nq, xd + (size_t)b * (nq / QK), xs + (size_t)b * (nq / QK), 1);
-#pragma omp barrier
-            share(H, tid, nth, &i0, &i1);
-            q4_rows_all(&ly->o, i0, i1, B, xq, xd, xs, o, H);
-#pragma omp barrier
+            for (int b = tid; b < B; b += nth) QUANT_ROW(att, b, nq);
+            product_phase(&ly->o, tid, nth, B, xq, xd, xs, o);
             for (int b = tid; b < B; b += nth) {
                 if (ly->n_lora) apply_lora(ly, 3, b, att, nq, nq, o, H, 0, H);
                 float *xb = x + (size_t)b * H;
                 for (int i = 0; i < H; i++) xb[i] += o[(size_t)b * H + i];
                 rms_norm(xb, ly->ln2, h + (size_t)b * H, H, S->eps);
-                quantize_act(h + (size_t)b * H, H, xq + (size_t)b * H, xd + (size_t)b * (H / QK), xs + (size_t)b * (H / QK), 1);
+                QUANT_ROW(h, b, H);
             }
-#pragma omp barrier
-            share(2 * F, tid, nth, &i0, &i1);
-            q4_rows_all(&ly->gate_up, i0, i1, B, xq, xd, xs, gu, 2 * F);
-#pragma omp barrier
+            product_phase(&ly->gate_up, tid, nth, B, xq, xd, xs, gu);
             for (int b = tid; b < B; b += nth) {
                 if (ly->n_lora) {
                     apply_lora(ly, 4, b, h, H, H, gu, 2 * F, 0, F);
@@ -651,12 +652,9 @@ int nm_decode(const nm_shape *S, const nm_layer *L, int B, const int *pos, const
                     float sig = g > 0.f ? 1.f / (1.f + e) : e / (1.f + e);
                     hb[i] = g * sig * gb[F + i];
                 }
-                quantize_act(hb, F, xq + (size_t)b * F, xd + (size_t)b * (F / QK), xs + (size_t)b * (F / QK), 1);
+                QUANT_ROW(act, b, F);
             }
-#pragma omp barrier
-            share(H, tid, nth, &i0, &i1);
-            q4_rows_all(&ly->down, i0, i1, B, xq, xd, xs, o, H);
-#pragma omp barrier
+            product_phase(&ly->down, tid, nth, B, xq, xd, xs, o);
             for (int b = tid; b < B; b += nth) { /* no barrier after: the next layer starts on the same rows */
                 if (ly->n_lora) apply_lora(ly, 6, b, act, F, F, o, H, 0, H);
                 for (int i = 0; i < H; i++) x[(size_t)b * H + i] += o[(size_t)b * H + i];
