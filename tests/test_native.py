@@ -342,3 +342,26 @@ def test_without_a_working_compiler_torch_kernels_run(tmp_path, env, why):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and why in run.stdout, run.stderr[-2000:]
     assert not any((tmp_path / "k").rglob("*.so"))
+
+
+def test_fused_step_sees_adapter_factors_edited_in_place(tiny_q4):
+    """An in-place edit of the factors (an optimizer step, a copy_) is seen at the next step, not the stale copy."""
+    from nomoat.lora.inject import set_active
+
+    m = tiny_q4.model
+    ids = list(range(5, 25))
+    _with_adapters(m, ("a",))
+    try:
+        set_active(m, {"a": 1.0})
+        before = _steps_both_ways(m, ids, 4)
+        with torch.no_grad():
+            for mod in m.modules():
+                if hasattr(mod, "lora_B") and "a" in mod.lora_B:
+                    mod.lora_B["a"].mul_(-2.0)
+        after = _steps_both_ways(m, ids, 4)
+        assert all(s for _, _, s in after)
+        assert float((after[0][0] - before[0][0]).abs().max()) > 0.05
+        diffs = [float((f - o).abs().max()) for f, o, _ in after]
+        assert sum(d < 1e-4 for d in diffs) >= 0.9 * len(diffs) and max(diffs) < 0.3, diffs
+    finally:
+        _strip(m)

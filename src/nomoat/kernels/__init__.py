@@ -242,7 +242,10 @@ class Decoder:
             mats = [_Q4(_ptr(t[0]), _ptr(t[1]), _ptr(t[2]), t[0].shape[0], t[0].shape[1] * 2) for t in ly.mats]
             arr[i] = _Layer(*mats, _ptr(ly.ln1), _ptr(ly.ln2), _ptr(k_cache[i]), _ptr(v_cache[i]), None, 0)
         self.arr = arr
-        self.lora_key: object = None
+        self.lora_key: object = None  # what the bound updates were made from (set by the caller)
+        self.lora_params: list[torch.Tensor] = []
+        self.lora_versions = 0
+        self.lora_weights: dict[str, torch.Tensor] = {}
         self._lora_refs: list = []
 
     def set_loras(self, per_layer: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, str]]]) -> None:

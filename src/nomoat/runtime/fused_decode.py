@@ -60,7 +60,21 @@ class FusedDecode:
 
     def _wrappers(self, model: LlamaForCausalLM) -> list[list[tuple[str, LoRALinear]]] | None:
         """Per layer, the LoRA wrappers around bound projections (part name, wrapper); None when a layer no
-        longer runs as bound (a projection replaced, an adapter merged into a quantized base)."""
+        longer runs as bound (a projection replaced, an adapter merged into a quantized base).
+
+        The answer is kept while the same objects sit in the same places and the adapters' version (bumped by
+        every merge) is unchanged: then only the identity checks run, not the wrappers' attribute reads."""
+        plan = model.__dict__.get("_row_plan")
+        now = [d.get(key) for places in self.places for d, key, _, _ in places]
+        version = (id(plan), plan.version if plan is not None else 0)
+        last = self.__dict__.get("_last")
+        if last is not None and last[0] == version and all(a is b for a, b in zip(now, last[1])):
+            return last[2]
+        out = self._find_wrappers()
+        self._last = (version, now, out)
+        return out
+
+    def _find_wrappers(self) -> list[list[tuple[str, LoRALinear]]] | None:
         out = []
         for places in self.places:
             found = []
@@ -104,13 +118,15 @@ class FusedDecode:
         groups = plan.groups if plan is not None else None
         # What the bound copies depend on: the adapters' state (the plan's version counts every change made
         # through nomoat.lora) and the factors' in-place edits (tensor versions, e.g. an optimizer step).
-        key = (groups is None, plan.version if plan is not None else 0, id(plan),
-               sum(p._version for found in wrappers for _, mod in found for p in mod.parameters()))
-        if key != dec.lora_key:
+        key = (groups is None, plan.version if plan is not None else 0, id(plan))
+        if key != dec.lora_key or sum(p._version for p in dec.lora_params) != dec.lora_versions:
             if any(mod.lora_A[n].shape[0] > kernels.MAX_RANK for found in wrappers for _, mod in found
                    for n in mod.lora_A):
                 return False
             dec.lora_weights = self._bind_loras(dec, wrappers, dec.k_cache.shape[1], groups)
+            dec.lora_params = [p for found in wrappers for _, mod in found
+                               for p in (*mod.lora_A.values(), *mod.lora_B.values())]
+            dec.lora_versions = sum(p._version for p in dec.lora_params)
             dec.lora_key = key
         if groups is not None:
             for n, w in dec.lora_weights.items():
