@@ -431,9 +431,6 @@ class _NativeLinear(_QuantLinear):
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
 
-    def _grad_input(self, grad_out: Tensor) -> Tensor:
-        return grad_out.float() @ self.dequantize()
-
 
 class Q4Linear(_NativeLinear):
     """GGUF Q4_0/Q4_1 weights as the file holds them: w = q * d + m per block of 32 (Q4_0: m = -8d).

@@ -46,7 +46,6 @@ typedef struct {
     int n, k;
 } q4mat;
 
-static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
 
 /* ---------------------------------------------------------------- activations -> int8 blocks */
 

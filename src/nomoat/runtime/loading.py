@@ -207,14 +207,17 @@ def plan_linear(ckpt: GGUFModelFile | HFModelDir, name: str, mode: str) -> Linea
     return LinearPlan(qtype, "int8", "" if qtype == "Q8_0" else "requantized")
 
 
+def _keeps_blocks(ckpt: GGUFModelFile | HFModelDir, plan: LinearPlan) -> bool:
+    """Whether the native kernels can take this weight's GGUF blocks as they are (Q4_0, Q4_1, Q8_0, not requantized)."""
+    return isinstance(ckpt, GGUFModelFile) and plan.source in ("Q4_0", "Q4_1", "Q8_0") and plan.how != "requantized"
+
+
 def _quantized_linear(ckpt, cfg: LlamaConfig, name: str, plan: LinearPlan, native: bool) -> torch.nn.Module:
     """The quantized layer for one weight, made as `plan` says; `native`: GGUF Q4/Q8_0 blocks stay as they
     are and run on nomoat's native kernels."""
     from nomoat.quant import Int4Linear, Int8Linear, Q4Linear, Q8Linear, q4_blocks_to_codes, q8_0_blocks_to_codes
 
-    in_f = ckpt.shape(name)[1]
-    if native and in_f % 64 == 0 and isinstance(ckpt, GGUFModelFile) and plan.source in ("Q4_0", "Q4_1", "Q8_0") \
-            and plan.how != "requantized":
+    if native and ckpt.shape(name)[1] % 64 == 0 and _keeps_blocks(ckpt, plan):
         raw = ckpt.block_data(name)
         order = ckpt.row_order(name, cfg)
         if order is not None:
@@ -295,8 +298,8 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, quant: str
     check_shapes(ckpt, cfg)
     quantize = quantizes(ckpt, quant)
     plans = weight_plan(ckpt, quant) if quantize else {}
-    native = quantize and not for_training and cpu.native_kernels and isinstance(ckpt, GGUFModelFile) and any(
-        p.source in ("Q4_0", "Q4_1", "Q8_0") and p.how != "requantized" for p in plans.values())
+    native = (quantize and not for_training and cpu.native_kernels
+              and any(_keeps_blocks(ckpt, p) for p in plans.values()))
     # The native kernels take float32 activations and round them to int8 themselves: the ops between them run
     # in float32 too (torch's int4/int8 kernels take bf16, so they keep the plan's activation dtype).
     torch_dtype = torch.float32 if native else DTYPES[cpu.activation_dtype] if quantize else DTYPES[dtype]
