@@ -34,19 +34,19 @@ def _stat(*cpus: tuple[int, int]) -> str:
     return "\n".join(lines + ["intr 12345 0 0", "ctxt 999"]) + "\n"
 
 
-def test_no_bf16_xeon_trains_in_float32(monkeypatch: pytest.MonkeyPatch):
+def test_no_bf16_xeon_trains_over_an_int8_base(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("NOMOAT_CPU_FEATURES", "avx2,avx512f,avx512_vnni")
     features = detect_cpu()
     assert features.flags == {"avx2", "avx512f", "avx512_vnni"}
     assert features.forced and "NOMOAT_CPU_FEATURES" in features.forced
     assert not features.has_fast_bf16
     plan = plan_for(threads=1)
-    assert plan.train_dtype == "float32"
-    assert "BF16" in plan.reasons["train dtype"]
+    assert plan.train_dtype == "int8"  # VNNI int8 GEMMs (tests/test_w8a8.py)
+    assert "BF16" in plan.reasons["train dtype"] and "int8 products" in plan.reasons["train dtype"]
     # int4 still decodes fastest without BF16; between kernels, and for long prompts, float32 wins.
     assert (plan.quant_kernel, plan.activation_dtype, plan.float_dtype) == ("int4", "float32", "float32")
     assert plan.float_matmul_rows == 128
-    assert plan.lines()[0].startswith("train dtype: float32 (")
+    assert plan.lines()[0].startswith("train dtype: int8 (")
 
 
 def test_bf16_cpu_trains_in_bfloat16():
@@ -74,7 +74,7 @@ def test_aten_capability_avx2_disables_bf16(monkeypatch: pytest.MonkeyPatch):
     assert features.torch_capability in ("AVX2", "DEFAULT")
     assert not features.has_fast_bf16
     assert "ATEN_CPU_CAPABILITY=avx2" in features.forced
-    assert plan_for(features, threads=1).train_dtype == "float32"
+    assert plan_for(features, threads=1).train_dtype == ("int8" if features.torch_capability == "AVX2" else "float32")
 
 
 def test_onednn_cap_below_bf16_disables_bf16(monkeypatch: pytest.MonkeyPatch):
@@ -93,7 +93,7 @@ def test_simulated_avx2_laptop_caps_torch_capability(monkeypatch: pytest.MonkeyP
     features = detect_cpu()
     assert features.flags == {"avx2"}
     assert features.torch_capability != "AVX512"
-    assert plan_for(features, threads=1).reasons["train dtype"].startswith("float32: no hardware BF16")
+    assert plan_for(features, threads=1).reasons["train dtype"].startswith("int8: no hardware BF16")
 
 
 def test_cpuinfo_flags_parsing():

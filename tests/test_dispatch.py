@@ -79,11 +79,11 @@ def test_load_follows_the_plan_on_both_cpu_classes(tiny_dir, monkeypatch) -> Non
 def test_training_dtype_follows_the_plan(monkeypatch) -> None:
     monkeypatch.setenv("NOMOAT_CPU_FEATURES", NO_BF16)
     cfg = TrainConfig(data="d.jsonl", out="o")
-    assert cfg.base_dtype() == "float32"
+    assert cfg.base_dtype() == "int8"  # no BF16: the base's products in int8 (tests/test_w8a8.py)
     assert TrainConfig(data="d.jsonl", out="o", dtype="bfloat16").base_dtype() == "bfloat16"  # --dtype wins
     detect_cpu.cache_clear()
     monkeypatch.setenv("NOMOAT_CPU_FEATURES", BF16)
-    assert cfg.base_dtype() == ("bfloat16" if plan_for(threads=1).train_dtype == "bfloat16" else "float32")
+    assert cfg.base_dtype() == ("bfloat16" if plan_for(threads=1).train_dtype == "bfloat16" else "int8")
     monkeypatch.setenv("NOMOAT_CPU_FEATURES", "avx2")
     detect_cpu.cache_clear()
-    assert cfg.base_dtype() == "float32"
+    assert cfg.base_dtype() == "int8"

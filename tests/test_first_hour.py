@@ -89,7 +89,7 @@ def test_training_to_a_pipe_prints_plain_progress_and_a_real_base_id(tiny_dir, t
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(tiny_dir.resolve())
     log = json.loads((out / "training_log.json").read_text())["summary"]
-    assert log["threads"] == 1 and log["base_dtype"] in ("float32", "bfloat16")
+    assert log["threads"] == 1 and log["base_dtype"] in ("float32", "bfloat16", "int8")
 
 
 def test_base_model_id_prefers_a_repository(tiny_dir, tmp_path) -> None:

@@ -324,3 +324,16 @@ def test_fingerprint_mismatch(tmp_path, monkeypatch) -> None:
     load_adapter(lm1, path, force=True)  # and --force overrides
     cached = json.loads((tmp_path / "cache" / "fingerprints.json").read_text())
     assert fp0 in cached.values()
+
+
+def test_low_rank_add_gradients_match_autograd() -> None:
+    from torch.autograd import gradcheck
+
+    from nomoat.lora.layer import _LowRankAdd
+
+    g = torch.Generator().manual_seed(0)
+    x, A, B, y = (torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+                  for s in ((9, 6), (3, 6), (5, 3), (9, 5)))
+    assert gradcheck(lambda *t: _LowRankAdd.apply(*t, 0.7), (x, A, B, y))
+    ref = y + 0.7 * (x @ A.T) @ B.T
+    assert torch.allclose(_LowRankAdd.apply(x, A, B, y, 0.7), ref)

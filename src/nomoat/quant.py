@@ -1,4 +1,5 @@
-"""Weight-only quantized linear layers for CPU: int4 group-wise and int8 per-channel.
+"""Quantized linear layers for CPU: int4 group-wise and int8 per-channel weight-only layers, the GGUF-block
+layers of the native kernels, and `W8A8Linear` (int8 weights and int8 activations) for training a frozen base.
 
 Both layers run torch's weight-only kernels with bf16 activations, the only fast path on this kind
 of CPU (``_weight_int4pack_mm_for_cpu`` is ~25x and ``_weight_int8pack_mm`` ~15x slower with fp32
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from nomoat import kernels
 from nomoat.errors import NomoatError
 
-__all__ = ["Int4Linear", "Int8Linear", "Q4Linear", "Q8Linear", "Q8Embedding", "q4_blocks_to_codes",
+__all__ = ["Int4Linear", "Int8Linear", "W8A8Linear", "Q4Linear", "Q8Linear", "Q8Embedding", "q4_blocks_to_codes",
            "q8_0_blocks_to_codes", "quantize_linears"]
 
 _BF16 = torch.bfloat16
@@ -407,6 +408,103 @@ class Int8Linear(_QuantLinear):
         for k0, k1 in _column_chunks(self.out_features, self.in_features, 64):
             out[:, k0:k1] = g @ (self.qweight[:, k0:k1].float() * s).to(_BF16)
         return out
+
+
+def _int8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """A float (M, K) matrix as int8 codes and per-row scales (M, 1): x ~= q * s (symmetric, absmax)."""
+    s = x.abs().amax(dim=1, keepdim=True).div_(127).clamp_(min=1e-30)  # an all-zero row keeps zero codes
+    return (x / s).round_().to(torch.int8), s
+
+
+def int8_gemm_available() -> bool:
+    """Whether torch multiplies int8 matrices here (`torch._int_mm`: oneDNN's VNNI or AVX2 int8 GEMM)."""
+    return _int8_gemm_probe()
+
+
+@functools.cache
+def _int8_gemm_probe() -> bool:
+    a = torch.arange(-8, 8, dtype=torch.int8).view(2, 8)
+    try:
+        return torch.equal(torch._int_mm(a, a.t().contiguous()), a.int() @ a.int().t())
+    except (RuntimeError, AttributeError):
+        return False
+
+
+class _W8A8Matmul(torch.autograd.Function):
+    """y = x @ W.T with x quantized to int8 per row; backward: grad_x = grad_y @ W, grad_y quantized per row."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: W8A8Linear) -> Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        return layer._product(x)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None]:  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return ctx.layer._grad_input(grad_out), None
+
+
+class W8A8Linear(nn.Module):
+    """A frozen linear in int8 (symmetric per output row) whose products run in int8: the input is rounded to
+    int8 per row (per token) on the fly and multiplied by `torch._int_mm`; in backward the output gradient,
+    scaled by the weight's row scales, is rounded per row the same way and multiplied by the same codes.
+
+    For training LoRA over a frozen base on CPUs without fast bf16: an int8 GEMM (VNNI, or AVX2) runs at
+    ~4x (2x) a float32 one, and the base's forward and input-gradient products are most of a LoRA step.
+    Both roundings keep ~8 bits per value, with a scale per token, as bf16 keeps ~8 significant bits per
+    value; the LoRA factors, their products and gradients stay float32. The product is accumulated in
+    int32, exactly.
+
+    Buffers: ``qweight`` int8 (out, in), ``scales`` float32 (out,), optional float32 ``bias``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.zeros(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @property
+    def weight_dtype_name(self) -> str:
+        return "int8 (int8 activations)"
+
+    @classmethod
+    def from_float(cls, weight: Tensor, bias: Tensor | None = None) -> W8A8Linear:
+        out_f, in_f = weight.shape
+        layer = cls(in_f, out_f, bias=bias is not None)
+        q, s = _int8_rows(weight.detach().float())
+        layer.qweight, layer.scales = q, s.view(-1)
+        if bias is not None:
+            layer.bias = bias.detach().float().clone()
+        return layer
+
+    def dequantize(self) -> Tensor:
+        return self.qweight.float() * self.scales[:, None]
+
+    def _product(self, x: Tensor) -> Tensor:  # (M, in) float32 -> (M, out) float32
+        q, s = _int8_rows(x)
+        return torch.mul(torch._int_mm(q, self.qweight.t()), self.scales).mul_(s)
+
+    def _grad_input(self, grad_out: Tensor) -> Tensor:  # (M, out) -> (M, in) float32
+        # Fold the weight's row scales into the gradient first, so the int8 codes multiply as they are.
+        q, s = _int8_rows(grad_out.float() * self.scales)
+        return torch.mul(torch._int_mm(q, self.qweight), s)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not x.is_floating_point() or x.shape[-1] != self.in_features:
+            raise NomoatError(f"W8A8Linear: expected a float input with last dim {self.in_features}, "
+                              f"got {x.dtype} {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).float()
+        y = _W8A8Matmul.apply(x2, self) if torch.is_grad_enabled() and x2.requires_grad else self._product(x2)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 class _NativeLinear(_QuantLinear):

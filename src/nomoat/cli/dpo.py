@@ -81,8 +81,10 @@ def dpo(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run in --out.")] = False,
     qlora: Annotated[bool, typer.Option("--qlora", help="Train over a frozen 4-bit (int4) base.")] = False,
     threads: ThreadsOpt = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="Base weights dtype: bfloat16 or float32 (default: "
-                                              "bfloat16 where the CPU has hardware BF16, else float32).")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="The frozen base's dtype: bfloat16, float32 "
+                                              "or int8 (int8 weights, activations rounded to int8 per token). "
+                                              "Default: bfloat16 where the CPU has hardware BF16, else int8 "
+                                              "where torch has an int8 GEMM, else float32.")] = None,
 ) -> None:
     """Train a LoRA adapter on preference pairs (DPO and its relatives); writes a PEFT adapter directory.
 
@@ -115,7 +117,7 @@ def dpo(
     else:
         cfg.dtype = saved_config(out_dir).base_dtype()  # the reference values depend on it
     with status("loading model..."):
-        lm = load(model, dtype=cfg.base_dtype(), threads=threads, quant="q4" if qlora else "none",
+        lm = load(model, dtype=None if qlora else cfg.base_dtype(), threads=threads, quant="q4" if qlora else "none",
                   for_training=True)
     summary = run_with_progress(lambda on_step, say: train_dpo(lm, cfg, resume=resume is not None,
                                                                overwrite=overwrite, on_step=on_step, on_message=say),

@@ -104,8 +104,10 @@ def finetune(
                                             "is used stacked on it.")] = None,
     register: RegisterOpt = None,
     threads: ThreadsOpt = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="Base weights dtype: bfloat16 or float32 (default: "
-                                              "bfloat16 where the CPU has hardware BF16, else float32).")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="The frozen base's dtype: bfloat16, float32 "
+                                              "or int8 (int8 weights, activations rounded to int8 per token). "
+                                              "Default: bfloat16 where the CPU has hardware BF16, else int8 "
+                                              "where torch has an int8 GEMM, else float32.")] = None,
 ) -> None:
     """Fine-tune a LoRA adapter on instruction data; writes a PEFT adapter directory.
 
@@ -133,7 +135,7 @@ def finetune(
         cfg.check()
     check_out(out_dir, resume=resume is not None, overwrite=overwrite)  # before minutes of loading
     with status("loading model..."):
-        lm = load(model, dtype=cfg.base_dtype(), threads=threads, quant="q4" if qlora else "none",
+        lm = load(model, dtype=None if qlora else cfg.base_dtype(), threads=threads, quant="q4" if qlora else "none",
                   for_training=True)
     check_register(register, lm)  # before minutes of training
     summary = run_with_progress(lambda on_step, say: run(lm, cfg, resume=resume is not None, overwrite=overwrite,

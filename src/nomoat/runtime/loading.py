@@ -274,7 +274,9 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, quant: str
     head) on int4/int8 weight-only kernels with bf16 activations; "auto" does so when the file's
     weights are quantized. Between the kernels a quantized model computes in the CPU plan's activation
     dtype (bf16 with hardware BF16, else float32) whatever `dtype` says.
-    dtype: float32 / bfloat16 / float16; None takes the CPU plan's choice for inference (float32).
+    dtype: float32 / bfloat16 / float16; None takes the CPU plan's choice for inference (float32). "int8" (with
+        quant "none"): the projections' weights in int8 with products in int8 (`quant.W8A8Linear`), the rest
+        float32: a frozen base for LoRA training on CPUs without fast bf16.
     threads: None takes the cores free of other work (`nomoat.runtime.cpu`).
     for_training: keep torch's int4 kernels (QLoRA trains through them); otherwise GGUF Q4_0/Q4_1/Q8_0
     weights run on nomoat's native kernels when this machine can build them (`nomoat.kernels`), with
@@ -285,8 +287,14 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, quant: str
     cpu = plan_for(threads=threads)
     apply_threads(cpu.threads)
     dtype = dtype or cpu.float_dtype
+    w8a8 = dtype == "int8"
+    if w8a8:
+        if quant != "none":
+            raise NomoatError(f"--dtype int8 runs a float base's projections in int8; it does not combine with "
+                              f"--quant {quant}")
+        dtype = "float32"
     if dtype not in DTYPES:
-        raise NomoatError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise NomoatError(f"--dtype {dtype!r} is not one of {', '.join([*DTYPES, 'int8'])}")
     t0 = time.perf_counter()
     ckpt = open_checkpoint(path)
     cfg = ckpt.config()
@@ -331,6 +339,12 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, quant: str
                 types["lm_head.weight"] = _described(plans["lm_head.weight"], modules["lm_head"])
             continue
         w = ckpt.load_float(n, cfg)
+        if w8a8 and n != "lm_head.weight" and architecture(ckpt.arch).is_linear(n):
+            from nomoat.quant import W8A8Linear
+
+            modules[n.removesuffix(".weight")] = W8A8Linear.from_float(w)
+            types[n] = f"{types[n]} -> int8 (int8 activations)"
+            continue
         if n == "model.embed_tokens.weight" and "lm_head.weight" in plans and "lm_head.weight" not in names:
             # The tied head is the largest matmul of a small model: give it its own int8 copy,
             # made from the same dequantized table (dequantizing twice doubles the load's peak memory).

@@ -52,7 +52,15 @@ from nomoat.lora import (
 from nomoat.lora.combine import combine, combined_config
 from nomoat.model.losses import PREFERENCE_LOSSES, PreferenceLoss, preference_loss, token_logps
 from nomoat.train.checkpoint import CHECKPOINT_DIR, config_from_saved, load_checkpoint
-from nomoat.train.loop import LoopConfig, StepInfo, save_loss_curve, save_metric_curves, train_loop
+from nomoat.train.loop import (
+    LoopConfig,
+    StepInfo,
+    base_weights,
+    check_train_dtype,
+    save_loss_curve,
+    save_metric_curves,
+    train_loop,
+)
 from nomoat.train.sft import check_out, make_out
 
 ADAPTER = "default"  # the adapter being trained
@@ -158,8 +166,7 @@ class DPOConfig:
             raise NomoatError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.eval_every is not None and self.eval_every < 1:
             raise NomoatError(f"--eval-every must be >= 1, got {self.eval_every}")
-        if self.dtype is not None and self.dtype not in ("float32", "bfloat16", "fp32", "bf16"):
-            raise NomoatError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+        check_train_dtype(self.dtype)
         if self.grad_checkpointing not in ("auto", "on", "off"):
             raise NomoatError(f"--grad-checkpointing must be auto, on or off, got {self.grad_checkpointing!r}")
         self.lora()
@@ -450,8 +457,8 @@ def train_dpo(lm, cfg: DPOConfig, resume: bool = False, overwrite: bool = False,
     ref_all = None
     cache_path = None
     if spec.uses_reference and cfg.precompute:
-        key = {"base": fingerprint, "on": on_info and on_info["digest"], "dtype": str(model.dtype), "quant": lm.quant,
-               "data_sha256": data_sha, "rows": rows_digest(rows)}
+        key = {"base": fingerprint, "on": on_info and on_info["digest"], "dtype": base_weights(model),
+               "quant": lm.quant, "data_sha256": data_sha, "rows": rows_digest(rows)}
         ref_all, cache_path = cached_reference_logps(model, rows, pad, 2 * cfg.batch_size, reference, key, say)
     set_active(model, {**reference, ADAPTER: 1.0})
     objective = DPOObjective(
@@ -464,7 +471,7 @@ def train_dpo(lm, cfg: DPOConfig, resume: bool = False, overwrite: bool = False,
     say(f"{len(train_idx)} training / {len(val_idx)} validation pairs: {total_steps} steps ({length}, lr {cfg.lr:g}), "
         f"{spec.kind} loss, beta {spec.beta:g}, reference "
         + (f"{ref_text} (adapter off)" if spec.uses_reference else "none (reference-free loss)")
-        + f", base weights {str(model.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads")
+        + f", base weights {base_weights(model)}, {torch.get_num_threads()} threads")
     widest = max(r.width for r in objective.train_rows)
     model.gradient_checkpointing = cfg.grad_checkpointing == "on" or (
         cfg.grad_checkpointing == "auto" and cfg.batch_size * widest > CHECKPOINT_ABOVE)
@@ -508,7 +515,7 @@ def train_dpo(lm, cfg: DPOConfig, resume: bool = False, overwrite: bool = False,
         "final_val_loss": res.final_val_loss,
         "final_metrics": {k: v for k, v in last.items() if "/" in k},
         "gradient_checkpointing": model.gradient_checkpointing,
-        "base_dtype": str(model.dtype).removeprefix("torch."),
+        "base_dtype": base_weights(model),
         "threads": torch.get_num_threads(),
         "complete": res.step >= total_steps,
     }

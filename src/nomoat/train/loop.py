@@ -21,6 +21,23 @@ import torch
 from nomoat.errors import NomoatError
 from nomoat.train.checkpoint import Checkpoint, restore_optimizer, save_checkpoint
 
+# --dtype values for the frozen base (`runtime.loading.load`); int8 = `quant.W8A8Linear` projections.
+TRAIN_DTYPES = ("float32", "bfloat16", "int8", "fp32", "bf16")
+
+
+def check_train_dtype(dtype: str | None) -> None:
+    if dtype is not None and dtype not in TRAIN_DTYPES:
+        raise NomoatError(f"--dtype must be float32, bfloat16 or int8, got {dtype!r}")
+
+
+def base_weights(model: torch.nn.Module) -> str:
+    """The frozen base's weights as logs and caches name them: "int8" for W8A8 projections, else the dtype."""
+    from nomoat.quant import W8A8Linear
+
+    if any(isinstance(m, W8A8Linear) for m in model.modules()):
+        return "int8"
+    return str(model.dtype).removeprefix("torch.")
+
 
 class Objective(Protocol):
     """What a training objective gives the loop.

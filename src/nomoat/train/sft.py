@@ -24,7 +24,7 @@ from nomoat.formats.peft import META_FILE, write_peft_dir
 from nomoat.lora import LoraConfig, adapter_state_dict, add_adapter, mark_trainable, set_active
 from nomoat.model import causal_lm_loss
 from nomoat.train.checkpoint import CHECKPOINT_DIR, config_from_saved, load_checkpoint
-from nomoat.train.loop import LoopConfig, StepInfo, save_loss_curve, train_loop
+from nomoat.train.loop import LoopConfig, StepInfo, base_weights, check_train_dtype, save_loss_curve, train_loop
 
 ADAPTER = "default"
 # Size-dependent defaults (see TrainConfig.resolved): a LoRA run needs some tens of optimizer steps to
@@ -113,8 +113,7 @@ class TrainConfig:
             raise NomoatError(f"--lr must be > 0, got {self.lr}")
         if self.eval_every is not None and self.eval_every < 1:
             raise NomoatError(f"--eval-every must be >= 1, got {self.eval_every}")
-        if self.dtype is not None and self.dtype not in ("float32", "bfloat16", "fp32", "bf16"):
-            raise NomoatError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+        check_train_dtype(self.dtype)
         if self.grad_checkpointing not in ("auto", "on", "off"):
             raise NomoatError(f"--grad-checkpointing must be auto, on or off, got {self.grad_checkpointing!r}")
         self.lora()  # validates rank, dropout, targets
@@ -239,7 +238,7 @@ def finetune(lm, cfg: TrainConfig, resume: bool = False, overwrite: bool = False
     total_steps = cfg.max_steps or max(1, math.ceil(objective.batches_per_epoch * cfg.epochs / cfg.grad_accum))
     length = f"max {cfg.max_steps} steps" if cfg.max_steps else f"{cfg.epochs:g} epoch(s)"
     say(f"{len(train_rows)} training / {len(val_rows)} validation examples: {total_steps} steps ({length}, "
-        f"lr {cfg.lr:g}), base weights {str(lm.model.dtype).removeprefix('torch.')}, "
+        f"lr {cfg.lr:g}), base weights {base_weights(lm.model)}, "
         f"{torch.get_num_threads()} threads")
 
     model = lm.model
@@ -282,7 +281,7 @@ def finetune(lm, cfg: TrainConfig, resume: bool = False, overwrite: bool = False
         "final_train_loss": res.final_train_loss,
         "final_val_loss": res.final_val_loss,
         "gradient_checkpointing": model.gradient_checkpointing,
-        "base_dtype": str(model.dtype).removeprefix("torch."),
+        "base_dtype": base_weights(model),
         "threads": torch.get_num_threads(),
         "complete": res.step >= total_steps,
     }

@@ -1,0 +1,131 @@
+"""int8 training base (`quant.W8A8Linear`, `--dtype int8`): its products equal the int8 arithmetic they stand for,
+stay close to float, and a LoRA step over it learns like one over the float base."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_lm, rel_err
+
+from nomoat.api import convert_to_hf
+from nomoat.errors import NomoatError
+from nomoat.lora import LoraConfig, add_adapter, mark_trainable
+from nomoat.quant import W8A8Linear, int8_gemm_available
+from nomoat.runtime.cpu import detect_cpu, plan_for
+from nomoat.runtime.loading import load
+from nomoat.train.loop import base_weights
+from nomoat.train.sft import TrainConfig
+
+pytestmark = pytest.mark.skipif(not int8_gemm_available(), reason="torch has no int8 GEMM on this machine")
+
+
+def _rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 codes and scales, written out in float64."""
+    s = x.double().abs().amax(1, keepdim=True) / 127
+    return torch.round(x.double() / s).clamp(-127, 127), s
+
+
+@pytest.mark.parametrize("rows", [1, 7, 130])
+def test_products_equal_the_int8_arithmetic(rows: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(96, 80, generator=g) / 9
+    layer = W8A8Linear.from_float(w)
+    qw, sw = _rows_ref(w)
+    assert torch.equal(layer.qweight.double(), qw) and torch.allclose(layer.scales.double(), sw.view(-1))
+    x = torch.randn(rows, 80, generator=g) * torch.linspace(0.1, 4, 80)  # uneven channels
+    qx, sx = _rows_ref(x)
+    ref = (qx @ qw.T) * sx * sw.view(1, -1)
+    y = layer(x)
+    assert rel_err(y, ref) < 1e-6
+    assert rel_err(y, x @ w.T) < 2e-2  # ~8 bits per value on both sides
+    # Backward: the output gradient times the weight's row scales, rounded per row, times the same codes.
+    xg = x.clone().requires_grad_(True)
+    gy = torch.randn(rows, 96, generator=g)
+    layer(xg).backward(gy)
+    qg, sg = _rows_ref(gy * layer.scales)
+    assert rel_err(xg.grad, (qg @ qw) * sg) < 1e-6
+    assert rel_err(xg.grad, gy @ w) < 2e-2
+
+
+def test_zero_rows_and_bias_and_shapes() -> None:
+    w, b = torch.randn(16, 32), torch.randn(16)
+    layer = W8A8Linear.from_float(w, b)
+    y = layer(torch.zeros(2, 3, 32))
+    assert y.shape == (2, 3, 16) and torch.equal(y, b.expand(2, 3, 16))  # an all-zero row stays exactly zero
+    with pytest.raises(NomoatError, match="last dim 32"):
+        layer(torch.zeros(2, 31))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return convert_to_hf(make_tiny_lm(), tmp_path_factory.mktemp("m") / "tiny")
+
+
+def test_int8_load_and_a_lora_step_track_the_float_base(tiny_dir) -> None:
+    f32, i8 = load(tiny_dir, dtype="float32", threads=1), load(tiny_dir, dtype="int8", threads=1)
+    projections = [n for n, m in i8.model.named_modules() if isinstance(m, W8A8Linear)]
+    assert len(projections) == 7 * i8.config.num_hidden_layers and not any("lm_head" in n for n in projections)
+    assert base_weights(i8.model) == "int8" and base_weights(f32.model) == "float32"
+    assert all(t.endswith("-> int8 (int8 activations)") for n, t in i8.weight_types.items() if "_proj" in n)
+    ids = torch.randint(3, 290, (4, 48), generator=torch.Generator().manual_seed(3))
+    grads = []
+    for lm in (f32, i8):
+        torch.manual_seed(0)
+        add_adapter(lm.model, LoraConfig(r=4, alpha=8), "t", init=True)
+        mark_trainable(lm.model, "t")
+        gen = torch.Generator().manual_seed(1)
+        for name, p in lm.model.named_parameters():  # a non-zero B, so A gets a gradient too
+            if "lora_B" in name:
+                p.data.normal_(0, 0.05, generator=gen)
+        logits = lm.model(ids)
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in lm.model.parameters() if p.grad is not None]))
+        grads.append(logits.detach())
+    g32, l32, g8, l8 = grads
+    # ~8 bits per value in each of the 7 products of 2 layers: a few percent in the logits, not more.
+    assert rel_err(l8, l32) < 6e-2, rel_err(l8, l32)
+    assert torch.nn.functional.cosine_similarity(g8, g32, dim=0) > 0.99
+    assert rel_err(g8, g32) < 0.1, rel_err(g8, g32)
+
+
+def test_int8_refused_with_quantized_weights(tiny_dir) -> None:
+    with pytest.raises(NomoatError, match="--dtype int8"):
+        load(tiny_dir, dtype="int8", quant="q4", threads=1)
+    with pytest.raises(NomoatError, match="float32, bfloat16 or int8"):
+        TrainConfig(data="d", out="o", dtype="int4").check()
+
+
+@pytest.mark.parametrize("flags,expected", [("avx2,avx512f,avx512_vnni", "int8"), ("avx2", "int8"), ("", "float32")])
+def test_training_base_follows_the_cpu(flags: str, expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOMOAT_CPU_FEATURES", flags)
+    detect_cpu.cache_clear()
+    try:
+        plan = plan_for(threads=1)
+        assert plan.train_dtype == expected
+        assert plan.reasons["train dtype"].startswith(expected)
+        assert TrainConfig(data="d", out="o").base_dtype() == expected
+    finally:
+        detect_cpu.cache_clear()
+
+
+def test_finetune_dtype_int8_end_to_end(tiny_dir, tmp_path, monkeypatch, capsys) -> None:
+    import json
+
+    from test_bad_input import run_cli
+
+    from nomoat.adapters import load_adapter
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": f"{i} {i} {i}"}) + "\n" for i in range(24)))
+    monkeypatch.setenv("NOMOAT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "ad"
+    code, _, err = run_cli(["finetune", "--model", str(tiny_dir), "--data", str(data), "--out", str(out), "--dtype",
+                            "int8", "--max-steps", "6", "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2"],
+                           monkeypatch, capsys)
+    assert code in (0, None), err
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["summary"]["base_dtype"] == "int8"
+    losses = [h["loss"] for h in log["history"]]
+    assert len(losses) == 6 and losses[-1] < losses[0], losses
+    lm = load(tiny_dir, dtype="float32", threads=1)  # the adapter is an ordinary one: it runs on any base
+    assert load_adapter(lm, out) == "ad"
