@@ -116,7 +116,8 @@ def test_finetune_dtype_int8_end_to_end(tiny_dir, tmp_path, monkeypatch, capsys)
     from nomoat.adapters import load_adapter
 
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": f"{i} {i} {i}"}) + "\n" for i in range(24)))
+    rows = [{"instruction": f"Say {i}.", "output": f"{i} {i} {i}"} for i in range(24)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.setenv("NOMOAT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "ad"
     code, _, err = run_cli(["finetune", "--model", str(tiny_dir), "--data", str(data), "--out", str(out), "--dtype",
