@@ -12,8 +12,11 @@ several times slower) and laptops often have no AVX-512 at all. Each class runs 
   made to behave like one.
 - avx512-nobf16: oneDNN capped below BF16 (`AVX512_CORE_VNNI`) and detection without bf16 flags: the
   matmul side of a Xeon without BF16 (torch's own AVX-512 kernels still run natively).
-llama.cpp keeps its native build in every class (it picks its instruction set when compiled), so its
-figures are those of this machine: a comparison that can only favour it in the lower classes.
+llama.cpp picks its instruction set when compiled: it keeps its native build in every class unless
+`--llama-python-avx2 PY` names a Python whose llama-cpp-python was built for AVX2 only, as an AVX2 laptop's
+would be; the avx2 class then runs that one. Such a build:
+  python -m venv /tmp/llama-avx2 && CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
+  -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF" /tmp/llama-avx2/bin/pip install --no-binary :all: llama-cpp-python
 
 The CPU's flags and what nomoat chooses for each class are printed first. Each bench prints its own table;
 all output is also written to bench/results/cpu_classes-<date>.txt. Run on a quiet machine: nothing else
@@ -74,13 +77,15 @@ def main() -> None:
     ap.add_argument("--classes", default="native,avx2", help=f"comma-separated, of {', '.join(CLASSES)}")
     ap.add_argument("--benches", default="foundation,lora,llamacpp")
     ap.add_argument("--llama-python", default=sys.executable, help="a Python with llama-cpp-python")
+    ap.add_argument("--llama-python-avx2", help="a Python with llama-cpp-python built for AVX2 only (avx2 class)")
     ap.add_argument("--lora-steps", default="3")
     ap.add_argument("--threads", default="2")
     a = ap.parse_args()
     commands = {
         "foundation": [sys.executable, str(HERE / "bench_foundation.py"), "--threads", a.threads, "--repeats", "1"],
         "lora": [sys.executable, str(HERE / "bench_lora.py"), "--threads", a.threads, "--steps", a.lora_steps,
-                 "--warmup", "1", "--only", "nomoat-default", "nomoat-bf16", "nomoat-fp32", "nomoat-qlora", "peft"],
+                 "--warmup", "1", "--only", "nomoat-default", "nomoat-bf16", "nomoat-int8", "nomoat-fp32",
+                 "nomoat-qlora", "peft"],
         "llamacpp": [sys.executable, str(HERE / "bench_llamacpp.py"), "--llama-python", a.llama_python,
                      "--threads", "1," + a.threads],
     }
@@ -100,8 +105,11 @@ def main() -> None:
             probe = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True)
             emit((probe.stdout + probe.stderr).rstrip())
             for name in a.benches.split(","):
-                emit(f"\n=== {cls} / {name}: {' '.join(commands[name][1:])}")
-                res = subprocess.run(commands[name], env=env, capture_output=True, text=True)
+                cmd = list(commands[name])
+                if name == "llamacpp" and cls == "avx2" and a.llama_python_avx2:
+                    cmd[cmd.index("--llama-python") + 1] = a.llama_python_avx2
+                emit(f"\n=== {cls} / {name}: {' '.join(cmd[1:])}")
+                res = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 failed = f"\n(exit {res.returncode}) {res.stderr[-2000:]}" if res.returncode else ""
                 emit(res.stdout.rstrip() + failed)
     print(f"\nwritten to {log}")

@@ -7,7 +7,7 @@ lr 2e-4 with gradient clipping at 1.0, on the same token windows: date-conversio
 (`nomoat.skills.date_examples`) rendered with the model's chat template and packed into 128-token
 windows, batched in the order `nomoat finetune` uses. Each variant runs in its own fresh process so its
 peak RSS is its own.
-- nomoat: the real `nomoat.train.sft.finetune` (bf16 or float32 base). By default nomoat computes the loss
+- nomoat: the real `nomoat.train.sft.finetune` (bf16, int8 or float32 base). By default nomoat computes the loss
   only on response tokens and projects only those onto the vocabulary; "all tokens" (--train-on-prompt)
   labels every token, like the PEFT loop, for a like-for-like comparison.
 - PEFT: transformers' LlamaForCausalLM loaded from the same GGUF (float32), `peft.get_peft_model`, a plain
@@ -39,6 +39,7 @@ VARIANTS = {  # name: (label, dtype, train_on_prompt)
     "nomoat-bf16": ("nomoat bf16 base, response-token loss", "bfloat16", False),
     "nomoat-bf16-all": ("nomoat bf16 base, all-token loss", "bfloat16", True),
     "nomoat-qlora": ("nomoat QLoRA (int4 base), response-token loss", "qlora", False),
+    "nomoat-int8": ("nomoat int8 base (int8 products), response-token loss", "int8", False),
     "nomoat-fp32": ("nomoat fp32 base, response-token loss", "float32", False),
     "nomoat-fp32-all": ("nomoat fp32 base, all-token loss", "float32", True),
     "peft": ("PEFT + transformers fp32, all-token loss", "float32", True),

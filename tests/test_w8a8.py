@@ -130,3 +130,16 @@ def test_finetune_dtype_int8_end_to_end(tiny_dir, tmp_path, monkeypatch, capsys)
     assert len(losses) == 6 and losses[-1] < losses[0], losses
     lm = load(tiny_dir, dtype="float32", threads=1)  # the adapter is an ordinary one: it runs on any base
     assert load_adapter(lm, out) == "ad"
+
+
+def test_training_and_float_loads_leave_the_native_kernels_alone(tiny_dir, monkeypatch) -> None:
+    from nomoat import kernels
+
+    def refuse():
+        raise AssertionError("the native kernels were loaded for work that never runs them")
+
+    monkeypatch.setattr(kernels, "library", refuse)
+    for dtype in ("int8", "float32"):
+        lm = load(tiny_dir, dtype=dtype, threads=1)
+        assert lm.cpu.reasons["native kernels"].startswith("not loaded") and not lm.cpu.native_kernels
+    assert TrainConfig(data="d", out="o").base_dtype() in ("bfloat16", "int8", "float32")

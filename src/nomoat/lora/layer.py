@@ -253,7 +253,7 @@ class LoRALinear(nn.Module):
             p = self.dropouts[name]
             h, A, B = self._operands(name, F.dropout(x, p, self.training) if p and self.training else x)
             s = self.scales[name] * self.weights[name]
-            if h.dtype == y.dtype == A.dtype:
+            if A.requires_grad and torch.is_grad_enabled() and h.dtype == y.dtype == A.dtype:  # training
                 lead = y.shape[:-1]
                 y = _LowRankAdd.apply(h.reshape(-1, h.shape[-1]), A, B, y.reshape(-1, y.shape[-1]), s).view(*lead, -1)
             else:

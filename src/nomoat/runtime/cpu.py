@@ -208,12 +208,28 @@ def _bf16_why(features: CpuFeatures) -> str:
     return f"the CPU has BF16 but oneDNN is capped at {features.onednn_max_isa} (bf16 would be emulated)"
 
 
-def plan_for(features: CpuFeatures | None = None, threads: int | None = None) -> CpuPlan:
+def train_dtype_for(features: CpuFeatures | None = None) -> tuple[str, str]:
+    """(dtype, why) of the frozen base for LoRA training on a CPU (`detect_cpu()` if None)."""
+    from nomoat.quant import int8_gemm_available
+
+    features = detect_cpu() if features is None else features
+    bf16_why = _bf16_why(features)
+    if features.has_fast_bf16:
+        return "bfloat16", bf16_why
+    if features.has_int8_gemm and int8_gemm_available():
+        return "int8", (f"{bf16_why}; int8 products (int8 weights, activations rounded per token) run ~4x float32 "
+                        f"with VNNI, ~2x with AVX2")
+    return "float32", f"{bf16_why}; no int8 GEMM here"
+
+
+def plan_for(features: CpuFeatures | None = None, threads: int | None = None, native: bool = True) -> CpuPlan:
     """Choose each path's dtype, kernel and thread count for a CPU.
 
     Args:
         features: The CPU; `detect_cpu()` if None.
         threads: Thread count; `default_threads()` if None.
+        native: Whether the native kernels may be wanted (loads, and on a new machine builds, them); False
+            for work that never runs them (training, float models).
 
     Returns:
         The plan, with a one-line reason per choice.
@@ -227,18 +243,9 @@ def plan_for(features: CpuFeatures | None = None, threads: int | None = None) ->
     else:
         threads, threads_why = _checked(threads), "set explicitly"
     from nomoat import kernels
-    from nomoat.quant import int8_gemm_available
 
     fast = features.has_fast_bf16
-    bf16_why = _bf16_why(features)
-    if fast:
-        train_dtype, train_why = "bfloat16", bf16_why
-    elif features.has_int8_gemm and int8_gemm_available():
-        train_dtype = "int8"
-        train_why = (f"{bf16_why}; int8 products (int8 weights, activations rounded per token) run ~4x float32 with "
-                     f"VNNI, ~2x with AVX2")
-    else:
-        train_dtype, train_why = "float32", f"{bf16_why}; no int8 GEMM here"
+    train_dtype, train_why = train_dtype_for(features)
     # Measured on a Xeon without BF16: int4 decode 40.7 tok/s vs float32 24.2 and int8 28.4, so int4 wins
     # even with emulated bf16 activations; with hardware BF16 it wins by more.
     kernel_why = "fastest decode on CPUs with and without BF16"
@@ -253,7 +260,7 @@ def plan_for(features: CpuFeatures | None = None, threads: int | None = None) ->
         rows, rows_why = 128, "float32 over dequantized weights from 128 rows (prompts, training): faster here"
     float_why = "full precision for unquantized weights"
 
-    native = kernels.library() is not None
+    wanted, native = native, native and kernels.library() is not None
     reasons = {
         "train dtype": f"{train_dtype}: {train_why}",
         "quant kernel": ("native q4/q8_0 (the file's blocks, int8 activations as in llama.cpp); torch int4 for QLoRA "
@@ -263,7 +270,8 @@ def plan_for(features: CpuFeatures | None = None, threads: int | None = None) ->
         "float matmul rows": f"{rows or 'never'}: {rows_why.removeprefix('never: ')}",
         "float dtype": f"float32: {float_why}",
         "threads": f"{threads}: {threads_why}",
-        "native kernels": kernels.status().replace(" (", ": ", 1).removesuffix(")"),
+        "native kernels": (kernels.status().replace(" (", ": ", 1).removesuffix(")") if wanted
+                           else "not loaded: this work does not run them"),
     }
     return CpuPlan(train_dtype=train_dtype, quant_kernel="int4", activation_dtype=act, float_dtype="float32",
                    threads=threads, float_matmul_rows=rows, reasons=reasons, native_kernels=native)

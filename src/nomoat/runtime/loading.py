@@ -284,7 +284,7 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, quant: str
     """
     from nomoat.runtime.cpu import apply_threads
 
-    cpu = plan_for(threads=threads)
+    cpu = plan_for(threads=threads, native=quant != "none" and not for_training)
     apply_threads(cpu.threads)
     dtype = dtype or cpu.float_dtype
     w8a8 = dtype == "int8"

@@ -124,9 +124,9 @@ class DPOConfig:
         return config_from_saved(cls, d, source)
 
     def base_dtype(self) -> str:
-        from nomoat.runtime.cpu import plan_for
+        from nomoat.runtime.cpu import train_dtype_for
 
-        return self.dtype or plan_for(threads=1).train_dtype
+        return self.dtype or train_dtype_for()[0]
 
     def preference_loss(self) -> PreferenceLoss:
         beta = self.beta if self.beta is not None else DEFAULT_BETA[self.loss]

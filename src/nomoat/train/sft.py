@@ -75,9 +75,9 @@ class TrainConfig:
 
     def base_dtype(self) -> str:
         """The base weights' dtype: as given, else what this CPU trains fastest in."""
-        from nomoat.runtime.cpu import plan_for
+        from nomoat.runtime.cpu import train_dtype_for
 
-        return self.dtype or plan_for(threads=1).train_dtype
+        return self.dtype or train_dtype_for()[0]
 
     def resolved(self, n_train: int) -> tuple[TrainConfig, list[str]]:
         """This config with the size-dependent defaults filled in for `n_train` training rows, and warnings.
