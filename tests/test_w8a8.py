@@ -10,7 +10,7 @@ from conftest import make_tiny_lm, rel_err
 from nomoat.api import convert_to_hf
 from nomoat.errors import NomoatError
 from nomoat.lora import LoraConfig, add_adapter, mark_trainable
-from nomoat.quant import W8A8Linear, int8_gemm_available
+from nomoat.quant import W8A8Linear, int8_gemm_available, int8_weight_max
 from nomoat.runtime.cpu import detect_cpu, plan_for
 from nomoat.runtime.loading import load
 from nomoat.train.loop import base_weights
@@ -19,10 +19,10 @@ from nomoat.train.sft import TrainConfig
 pytestmark = pytest.mark.skipif(not int8_gemm_available(), reason="torch has no int8 GEMM on this machine")
 
 
-def _rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric int8 codes and scales, written out in float64."""
-    s = x.double().abs().amax(1, keepdim=True) / 127
-    return torch.round(x.double() / s).clamp(-127, 127), s
+def _rows_ref(x: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric codes in [-qmax, qmax] and scales, written out in float64."""
+    s = x.double().abs().amax(1, keepdim=True) / qmax
+    return torch.round(x.double() / s).clamp(-qmax, qmax), s
 
 
 @pytest.mark.parametrize("rows", [1, 7, 130])
@@ -30,21 +30,21 @@ def test_products_equal_the_int8_arithmetic(rows: int) -> None:
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(96, 80, generator=g) / 9
     layer = W8A8Linear.from_float(w)
-    qw, sw = _rows_ref(w)
+    qw, sw = _rows_ref(w, int8_weight_max())
     assert torch.equal(layer.qweight.double(), qw) and torch.allclose(layer.scales.double(), sw.view(-1))
     x = torch.randn(rows, 80, generator=g) * torch.linspace(0.1, 4, 80)  # uneven channels
     qx, sx = _rows_ref(x)
     ref = (qx @ qw.T) * sx * sw.view(1, -1)
     y = layer(x)
     assert rel_err(y, ref) < 1e-6
-    assert rel_err(y, x @ w.T) < 2e-2  # ~8 bits per value on both sides
+    assert rel_err(y, x @ w.T) < 3e-2  # ~8 bits per value (7 for the weights without VNNI)
     # Backward: the output gradient times the weight's row scales, rounded per row, times the same codes.
     xg = x.clone().requires_grad_(True)
     gy = torch.randn(rows, 96, generator=g)
     layer(xg).backward(gy)
     qg, sg = _rows_ref(gy * layer.scales)
     assert rel_err(xg.grad, (qg @ qw) * sg) < 1e-6
-    assert rel_err(xg.grad, gy @ w) < 2e-2
+    assert rel_err(xg.grad, gy @ w) < 3e-2
 
 
 def test_zero_rows_and_bias_and_shapes() -> None:
@@ -66,7 +66,8 @@ def test_int8_load_and_a_lora_step_track_the_float_base(tiny_dir) -> None:
     projections = [n for n, m in i8.model.named_modules() if isinstance(m, W8A8Linear)]
     assert len(projections) == 7 * i8.config.num_hidden_layers and not any("lm_head" in n for n in projections)
     assert base_weights(i8.model) == "int8" and base_weights(f32.model) == "float32"
-    assert all(t.endswith("-> int8 (int8 activations)") for n, t in i8.weight_types.items() if "_proj" in n)
+    name = W8A8Linear.from_float(torch.ones(1, 8)).weight_dtype_name
+    assert all(t.endswith(f"-> {name}") for n, t in i8.weight_types.items() if "_proj" in n)
     ids = torch.randint(3, 290, (4, 48), generator=torch.Generator().manual_seed(3))
     grads = []
     for lm in (f32, i8):
@@ -143,3 +144,30 @@ def test_training_and_float_loads_leave_the_native_kernels_alone(tiny_dir, monke
         lm = load(tiny_dir, dtype=dtype, threads=1)
         assert lm.cpu.reasons["native kernels"].startswith("not loaded") and not lm.cpu.native_kernels
     assert TrainConfig(data="d", out="o").base_dtype() in ("bfloat16", "int8", "float32")
+
+
+def test_without_vnni_weights_keep_7_bits_and_products_stay_exact() -> None:
+    """oneDNN's AVX2 int8 GEMM sums pairs of u8 x s8 products in saturating int16: with full int8 weights its
+    products are wrong (measured off by up to 25%). Forced to AVX2 in a fresh process, the probe must choose
+    codes within +-63 and the layer's products must equal the exact integer arithmetic."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from nomoat.quant import W8A8Linear, int8_weight_max
+q = int8_weight_max()
+w = torch.randn(64, 256) / 8
+x = torch.randn(40, 256) * 3
+layer = W8A8Linear.from_float(w)
+qx = (x.double() / (x.double().abs().amax(1, keepdim=True) / 127)).round()
+ref = (qx @ layer.qweight.double().T) * (x.double().abs().amax(1, keepdim=True) / 127) * layer.scales.double()
+err = float((layer(x).double() - ref).norm() / ref.norm())
+print(q, int(layer.qweight.abs().max()), err)
+"""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    qmax, top, err = out.stdout.split()
+    assert int(qmax) in (63, 127) and int(top) <= int(qmax) and float(err) < 1e-6, out.stdout

@@ -410,24 +410,37 @@ class Int8Linear(_QuantLinear):
         return out
 
 
-def _int8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """A float (M, K) matrix as int8 codes and per-row scales (M, 1): x ~= q * s (symmetric, absmax)."""
-    s = x.abs().amax(dim=1, keepdim=True).div_(127).clamp_(min=1e-30)  # an all-zero row keeps zero codes
+def _int8_rows(x: Tensor, qmax: int = 127) -> tuple[Tensor, Tensor]:
+    """A float (M, K) matrix as int8 codes in [-qmax, qmax] and per-row scales (M, 1): x ~= q * s (absmax)."""
+    s = x.abs().amax(dim=1, keepdim=True).div_(qmax).clamp_(min=1e-30)  # an all-zero row keeps zero codes
     return (x / s).round_().to(torch.int8), s
 
 
 def int8_gemm_available() -> bool:
-    """Whether torch multiplies int8 matrices here (`torch._int_mm`: oneDNN's VNNI or AVX2 int8 GEMM)."""
-    return _int8_gemm_probe()
+    """Whether torch multiplies int8 matrices exactly here (`torch._int_mm`: oneDNN's int8 GEMM)."""
+    return int8_weight_max() > 0
 
 
 @functools.cache
-def _int8_gemm_probe() -> bool:
-    a = torch.arange(-8, 8, dtype=torch.int8).view(2, 8)
-    try:
-        return torch.equal(torch._int_mm(a, a.t().contiguous()), a.int() @ a.int().t())
-    except (RuntimeError, AttributeError):
-        return False
+def int8_weight_max() -> int:
+    """The largest weight code `torch._int_mm` multiplies exactly here: 127 with VNNI; 63 where the GEMM
+    sums pairs of u8 x s8 products in saturating int16 (AVX2 and AVX-512 without VNNI: oneDNN shifts the
+    activations to u8, and 2 x 255 x 127 overflows, so weights keep 7 bits); 0: no exact int8 GEMM."""
+    g = torch.Generator().manual_seed(0)
+    for qmax in (127, 63):
+        ok = True
+        for m, k, n in ((1, 128, 16), (33, 256, 48)):
+            a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+            b = torch.randint(-qmax, qmax + 1, (k, n), dtype=torch.int8, generator=g)
+            top, edge = torch.full((m, k), 127, dtype=torch.int8), torch.full((k, n), qmax, dtype=torch.int8)
+            try:
+                ok = ok and all(torch.equal(torch._int_mm(x, w), x.int() @ w.int())
+                                for x, w in ((a, b), (top, edge), (-top, -edge), (top, -edge)))
+            except (RuntimeError, AttributeError):
+                return 0
+        if ok:
+            return qmax
+    return 0
 
 
 class _W8A8Matmul(torch.autograd.Function):
@@ -466,16 +479,22 @@ class W8A8Linear(nn.Module):
         self.register_buffer("scales", torch.zeros(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
+    qmax: int = 127  # the weight codes' bound (`int8_weight_max`)
+
     @property
     def weight_dtype_name(self) -> str:
-        return "int8 (int8 activations)"
+        return "int8 (int8 activations)" if self.qmax == 127 else f"int8 codes within +-{self.qmax} (int8 activations)"
 
     @classmethod
     def from_float(cls, weight: Tensor, bias: Tensor | None = None) -> W8A8Linear:
+        """Absmax per output row, in the code range this machine's int8 GEMM multiplies exactly."""
         out_f, in_f = weight.shape
         layer = cls(in_f, out_f, bias=bias is not None)
-        q, s = _int8_rows(weight.detach().float())
-        layer.qweight, layer.scales = q, s.view(-1)
+        qmax = int8_weight_max()
+        if not qmax:
+            raise NomoatError("W8A8Linear: torch has no exact int8 GEMM on this machine (use --dtype float32)")
+        q, s = _int8_rows(weight.detach().float(), qmax)
+        layer.qweight, layer.scales, layer.qmax = q, s.view(-1), qmax
         if bias is not None:
             layer.bias = bias.detach().float().clone()
         return layer

@@ -210,15 +210,17 @@ def _bf16_why(features: CpuFeatures) -> str:
 
 def train_dtype_for(features: CpuFeatures | None = None) -> tuple[str, str]:
     """(dtype, why) of the frozen base for LoRA training on a CPU (`detect_cpu()` if None)."""
-    from nomoat.quant import int8_gemm_available
+    from nomoat.quant import int8_weight_max
 
     features = detect_cpu() if features is None else features
     bf16_why = _bf16_why(features)
     if features.has_fast_bf16:
         return "bfloat16", bf16_why
-    if features.has_int8_gemm and int8_gemm_available():
+    qmax = int8_weight_max() if features.has_int8_gemm else 0
+    if qmax:
+        bits = "" if qmax == 127 else " (weights in 7 bits: this GEMM sums pairs of products in 16 bits)"
         return "int8", (f"{bf16_why}; int8 products (int8 weights, activations rounded per token) run ~4x float32 "
-                        f"with VNNI, ~2x with AVX2")
+                        f"with VNNI, ~2x with AVX2{bits}")
     return "float32", f"{bf16_why}; no int8 GEMM here"
 
 

@@ -342,8 +342,8 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, quant: str
         if w8a8 and n != "lm_head.weight" and architecture(ckpt.arch).is_linear(n):
             from nomoat.quant import W8A8Linear
 
-            modules[n.removesuffix(".weight")] = W8A8Linear.from_float(w)
-            types[n] = f"{types[n]} -> int8 (int8 activations)"
+            mod = modules[n.removesuffix(".weight")] = W8A8Linear.from_float(w)
+            types[n] = f"{types[n]} -> {mod.weight_dtype_name}"
             continue
         if n == "model.embed_tokens.weight" and "lm_head.weight" in plans and "lm_head.weight" not in names:
             # The tied head is the largest matmul of a small model: give it its own int8 copy,
