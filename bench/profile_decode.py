@@ -5,24 +5,37 @@
 Times the parts of `model(token, cache)` as `generate` runs it: the embedding lookup, the fused native
 step over all layers (`nomoat.kernels`, one call), the output head (Q8_0 native kernel) and the argmax;
 then the same step with the fused path switched off (torch ops around the same kernels), with torch's
-profiler table of it. Not a test: a quiet machine gives stable figures.
+profiler table of it. `--phases` builds the kernels with -DNM_PROFILE (a separate cached build) and splits the
+fused step into its phases (thread 0's wall time, barrier waits included). Not a test: a quiet machine gives
+stable figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
+import sys
 import time
 
 import torch
 
-from nomoat.model import KVCache
-from nomoat.runtime.loading import load
+if "--phases" in sys.argv:  # before nomoat builds or loads its kernels
+    os.environ["NOMOAT_NATIVE_CFLAGS"] = "-DNM_PROFILE"
+
+from nomoat import kernels  # noqa: E402
+from nomoat.model import KVCache  # noqa: E402
+from nomoat.runtime.loading import load  # noqa: E402
+
+PHASES = ["norm + int8 rounding", "q/k/v product", "rotary + KV write", "attention", "o product",
+          "residual + norm + rounding", "gate/up product", "SwiGLU + rounding", "down product"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=128)
+    ap.add_argument("--phases", action="store_true", help="split the fused step (a profiling build)")
     a = ap.parse_args()
     lm = load(quant="auto", threads=a.threads)
     m = lm.model
@@ -59,6 +72,12 @@ def main() -> None:
     print(f"step {total * ms:.2f} ms ({a.steps / total:.1f} tok/s)")
     for k, v in parts.items():
         print(f"  {k:<28} {v * ms:6.2f} ms")
+    if a.phases:
+        buf = (ctypes.c_double * len(PHASES))()
+        kernels.library().nm_profile_read(buf)  # the decoding steps' (prompts do not run the fused step)
+        print(f"  phases of the fused step ({kernels.status()}):")
+        for name, v in zip(PHASES, buf):
+            print(f"    {name:<28} {v * ms * 1e3:6.2f} ms  {100 * v / sum(buf):5.1f} %")
 
     m.fast_decode = None
     with torch.inference_mode():

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import make_tiny_lm, rel_err
 
+from nomoat import kernels
 from nomoat.api import convert_to_hf
 from nomoat.errors import NomoatError
 from nomoat.lora import LoraConfig, add_adapter, mark_trainable
@@ -140,10 +141,33 @@ def test_training_and_float_loads_leave_the_native_kernels_alone(tiny_dir, monke
         raise AssertionError("the native kernels were loaded for work that never runs them")
 
     monkeypatch.setattr(kernels, "library", refuse)
-    for dtype in ("int8", "float32"):
-        lm = load(tiny_dir, dtype=dtype, threads=1)
-        assert lm.cpu.reasons["native kernels"].startswith("not loaded") and not lm.cpu.native_kernels
+    lm = load(tiny_dir, dtype="float32", threads=1)
+    assert lm.cpu.reasons["native kernels"].startswith("not loaded") and not lm.cpu.native_kernels
     assert TrainConfig(data="d", out="o").base_dtype() in ("bfloat16", "int8", "float32")
+
+
+@pytest.mark.skipif(kernels.library() is None, reason="no native kernels here")
+@pytest.mark.parametrize("with_col", [False, True])
+def test_native_rounding_and_rescaling_equal_the_torch_ops(with_col: bool) -> None:
+    from nomoat.quant import _int8_rows
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(67, 300, generator=g) * torch.rand(67, 1, generator=g) * 5
+    x[3] = 0  # an all-zero row
+    x = torch.cat([x, x[:, :7]], 1)[:, :300]  # rows with a stride other than their width
+    col = torch.rand(300, generator=g) + 0.5 if with_col else None
+    for qmax in (127, 63):
+        q, s = kernels.int8_rows(x, qmax, col)
+        q_ref, s_ref = _int8_rows(x * col if with_col else x, qmax)
+        assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    acc = torch.randint(-2**20, 2**20, (67, 90), dtype=torch.int32, generator=g)
+    row, scales = torch.rand(67, 1, generator=g), torch.rand(90, generator=g)
+    assert torch.equal(kernels.int8_rescale(acc, row, scales), torch.mul(acc, scales).mul_(row))
+    assert torch.equal(kernels.int8_rescale(acc, row), torch.mul(acc, row))
+    bad = x.clone()
+    bad[5, 9], bad[6, 1] = float("nan"), float("inf")
+    _, s = kernels.int8_rows(bad, 127, col)
+    assert s[5].isnan() and s[6].isnan() and s[7].isfinite()  # a broken row reaches the product as NaN
 
 
 def test_without_vnni_weights_keep_7_bits_and_products_stay_exact() -> None:

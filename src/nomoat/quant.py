@@ -503,12 +503,19 @@ class W8A8Linear(nn.Module):
         return self.qweight.float() * self.scales[:, None]
 
     def _product(self, x: Tensor) -> Tensor:  # (M, in) float32 -> (M, out) float32
+        if kernels.library() is not None and x.stride(1) == 1:  # the same codes and sums, fewer passes
+            q, s = kernels.int8_rows(x, 127)
+            return kernels.int8_rescale(torch._int_mm(q, self.qweight.t()), s, self.scales)
         q, s = _int8_rows(x)
         return torch.mul(torch._int_mm(q, self.qweight.t()), self.scales).mul_(s)
 
     def _grad_input(self, grad_out: Tensor) -> Tensor:  # (M, out) -> (M, in) float32
         # Fold the weight's row scales into the gradient first, so the int8 codes multiply as they are.
-        q, s = _int8_rows(grad_out.float() * self.scales)
+        g = grad_out.float()
+        if kernels.library() is not None and g.stride(1) == 1:
+            q, s = kernels.int8_rows(g, 127, self.scales)
+            return kernels.int8_rescale(torch._int_mm(q, self.qweight), s)
+        q, s = _int8_rows(g * self.scales)
         return torch.mul(torch._int_mm(q, self.qweight), s)
 
     def forward(self, x: Tensor) -> Tensor:

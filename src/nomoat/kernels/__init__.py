@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["library", "status", "build_path", "q4_matmul", "q8_matmul", "Decoder", "NativeLayer"]
+__all__ = ["library", "status", "build_path", "q4_matmul", "q8_matmul", "int8_rows", "int8_rescale", "Decoder",
+           "NativeLayer"]
 
 _SOURCE = Path(__file__).with_name("native.c")
 _status = "not built yet"
@@ -72,7 +73,9 @@ def _source() -> bytes:
 
 
 def _flags() -> list[str]:
-    flags = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", *_isa_flags()]
+    # NOMOAT_NATIVE_CFLAGS: extra flags for measurement builds (e.g. -DNM_PROFILE); part of the cache key.
+    extra = os.environ.get("NOMOAT_NATIVE_CFLAGS", "").split()
+    flags = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", *_isa_flags(), *extra]
     gomp = _gomp_dir()
     if gomp:
         flags += [f"-L{gomp}", f"-Wl,-rpath,{gomp}"]
@@ -148,6 +151,8 @@ def library() -> ctypes.CDLL | None:
     lib.nm_q4_matmul.argtypes = [vp, vp, vp, i32, i32, vp, i32, vp, i32]
     lib.nm_q8_matmul.argtypes = [vp, vp, i32, i32, vp, i32, vp, i32]
     lib.nm_decode.argtypes = [vp, vp, i32, vp, vp, vp, vp, vp, i32]
+    lib.nm_int8_rows.argtypes = [vp, i32, i32, i32, vp, i32, vp, vp, i32]
+    lib.nm_int8_rescale.argtypes = [vp, i32, i32, vp, vp, vp, i32]
     _status = f"on ({lib.nm_isa().decode()}, built in {target.parent})"
     return lib
 
@@ -182,6 +187,29 @@ def q8_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> tor
     if lib.nm_q8_matmul(_ptr(codes), _ptr(scales), n, k, _ptr(x), x.shape[0], _ptr(y), torch.get_num_threads()):
         raise MemoryError("q8_matmul: out of memory")
     return y
+
+
+def int8_rows(x: torch.Tensor, qmax: int, col: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of x (m, k) float32 with unit column stride, times `col` (k,) if given, as int8 codes within +-qmax
+    and per-row scales (m, 1): one pass to find each row's range, one to round (torch needs five)."""
+    lib = library()
+    assert lib is not None and x.dtype == torch.float32 and x.stride(1) == 1
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.int8)
+    s = torch.empty(m, 1, dtype=torch.float32)
+    lib.nm_int8_rows(_ptr(x), m, k, x.stride(0), _ptr(col) if col is not None else None, qmax, _ptr(q), _ptr(s),
+                     torch.get_num_threads())
+    return q, s
+
+
+def int8_rescale(acc: torch.Tensor, row: torch.Tensor, col: torch.Tensor | None = None) -> torch.Tensor:
+    """acc (m, n) int32 contiguous * col (n,) * row (m, 1), as float32, in one pass."""
+    lib = library()
+    assert lib is not None and acc.dtype == torch.int32 and acc.is_contiguous()
+    out = torch.empty(acc.shape, dtype=torch.float32)
+    lib.nm_int8_rescale(_ptr(acc), acc.shape[0], acc.shape[1], _ptr(col) if col is not None else None, _ptr(row),
+                        _ptr(out), torch.get_num_threads())
+    return out
 
 
 class _Q4(ctypes.Structure):

@@ -372,6 +372,64 @@ int nm_q8_matmul(const int8_t *codes, const uint16_t *scales, int n, int k, cons
     return product(NULL, codes, scales, n, k, x, m, y, threads);
 }
 
+/* ---------------------------------------------------------------- int8 rows for torch's int8 GEMM (training) */
+
+/* Each row of x (m, k; row stride ldx), times col (k floats, or NULL), as int8 codes in [-qmax, qmax] with one
+ * scale per row: s = max|v| / qmax (at least 1e-30), q = rint(v / s); the same float32 operations, in the same
+ * order, as the torch expression it replaces, so the codes are identical. A NaN or infinity in a row makes its
+ * scale NaN, so it reaches the product as torch's version would let it. */
+void nm_int8_rows(const float *x, int m, int k, int ldx, const float *col, int qmax, int8_t *q, float *s,
+                  int threads) {
+#pragma omp parallel for num_threads(team_size((long)m * k, threads)) schedule(static)
+    for (int i = 0; i < m; i++) {
+        const float *xi = x + (size_t)i * ldx;
+        int8_t *qi = q + (size_t)i * k;
+        float mx = 0.f, bad = 0.f;
+        if (col) {
+#pragma omp simd reduction(max : mx) reduction(+ : bad)
+            for (int j = 0; j < k; j++) {
+                float v = xi[j] * col[j], a = fabsf(v);
+                mx = a > mx ? a : mx;
+                bad += v - v;
+            }
+        } else {
+#pragma omp simd reduction(max : mx) reduction(+ : bad)
+            for (int j = 0; j < k; j++) {
+                float a = fabsf(xi[j]);
+                mx = a > mx ? a : mx;
+                bad += xi[j] - xi[j];
+            }
+        }
+        float sc = mx / (float)qmax;
+        sc = sc < 1e-30f ? 1e-30f : sc;
+        s[i] = bad == 0.f ? sc : NAN;
+        if (col) {
+#pragma omp simd
+            for (int j = 0; j < k; j++) qi[j] = (int8_t)(int)rintf(xi[j] * col[j] / sc);
+        } else {
+#pragma omp simd
+            for (int j = 0; j < k; j++) qi[j] = (int8_t)(int)rintf(xi[j] / sc);
+        }
+    }
+}
+
+/* out (m, n) = acc * col[j] * row[i] in that order (col may be NULL): an int8 GEMM's int32 sums back to float. */
+void nm_int8_rescale(const int32_t *acc, int m, int n, const float *col, const float *row, float *out, int threads) {
+#pragma omp parallel for num_threads(team_size((long)m * n, threads)) schedule(static)
+    for (int i = 0; i < m; i++) {
+        const int32_t *ai = acc + (size_t)i * n;
+        float *oi = out + (size_t)i * n;
+        const float r = row[i];
+        if (col) {
+#pragma omp simd
+            for (int j = 0; j < n; j++) oi[j] = (float)ai[j] * col[j] * r;
+        } else {
+#pragma omp simd
+            for (int j = 0; j < n; j++) oi[j] = (float)ai[j] * r;
+        }
+    }
+}
+
 /* ---------------------------------------------------------------- the fused decoding step */
 
 /* e^x for x <= 0 (softmax after subtracting the max, and SiLU's e^-|g|), vectorizable; relative error ~2e-7. */
@@ -545,6 +603,24 @@ static void product_phase(const q4mat *W, int tid, int nth, int B, const int8_t 
 #pragma omp barrier
 }
 
+/* Profiling build (-DNM_PROFILE, bench/profile_decode.py --phases): thread 0's wall time per phase of
+ * nm_decode, barrier waits included, summed over calls. */
+#ifdef NM_PROFILE
+#define NM_PHASES 9
+static double nm_phase_s[NM_PHASES];
+void nm_profile_read(double *out) {
+    for (int i = 0; i < NM_PHASES; i++) out[i] = nm_phase_s[i], nm_phase_s[i] = 0;
+}
+#define PHASE(i)                                                                                                 \
+    if (tid == 0) {                                                                                              \
+        double now_ = omp_get_wtime();                                                                           \
+        nm_phase_s[i] += now_ - t_mark;                                                                          \
+        t_mark = now_;                                                                                           \
+    }
+#else
+#define PHASE(i)
+#endif
+
 /* Row b of `in` (k wide) rounded to int8 blocks into the shared activation buffers (Q4 order). */
 #define QUANT_ROW(in, b, k)                                                                                      \
     quantize_act((in) + (size_t)(b) * (k), (k), xq + (size_t)(b) * (k), xd + (size_t)(b) * ((k) / QK),            \
@@ -582,6 +658,9 @@ int nm_decode(const nm_shape *S, const nm_layer *L, int B, const int *pos, const
         int split = pairs >= 2 * nth ? 1 : (2 * nth + pairs - 1) / pairs;
         split = split > rep ? rep : split;
         const int per = (rep + split - 1) / split;
+#ifdef NM_PROFILE
+        double t_mark = omp_get_wtime();
+#endif
         for (int l = 0; l < S->layers; l++) {
             const nm_layer *ly = &L[l];
             /* Row work (norms, rotary, cache writes, updates, SwiGLU, int8 rounding) is split by row: thread t
@@ -591,7 +670,9 @@ int nm_decode(const nm_shape *S, const nm_layer *L, int B, const int *pos, const
                 rms_norm(x + (size_t)b * H, ly->ln1, h + (size_t)b * H, H, S->eps);
                 QUANT_ROW(h, b, H);
             }
+            PHASE(0)
             product_phase(&ly->qkv, tid, nth, B, xq, xd, xs, qkv);
+            PHASE(1)
             for (int b = tid; b < B; b += nth) {
                 if (ly->n_lora) {
                     apply_lora(ly, 0, b, h, H, H, qkv, nqkv, 0, nq);
@@ -614,6 +695,7 @@ int nm_decode(const nm_shape *S, const nm_layer *L, int B, const int *pos, const
                     }
                 }
             }
+            PHASE(2)
 #pragma omp barrier
 #pragma omp for schedule(static)
             for (int it = 0; it < B * S->kv_heads * split; it++) {
@@ -627,8 +709,10 @@ int nm_decode(const nm_shape *S, const nm_layer *L, int B, const int *pos, const
                              (char *)ly->v_cache + kv, S->kv_half, pos[b] + 1, hd,
                              scores + ((size_t)b * S->heads + qh) * maxlen, att + (size_t)b * nq + qh * hd);
             }
+            PHASE(3)
             for (int b = tid; b < B; b += nth) QUANT_ROW(att, b, nq);
             product_phase(&ly->o, tid, nth, B, xq, xd, xs, o);
+            PHASE(4)
             for (int b = tid; b < B; b += nth) {
                 if (ly->n_lora) apply_lora(ly, 3, b, att, nq, nq, o, H, 0, H);
                 float *xb = x + (size_t)b * H;
@@ -636,7 +720,9 @@ int nm_decode(const nm_shape *S, const nm_layer *L, int B, const int *pos, const
                 rms_norm(xb, ly->ln2, h + (size_t)b * H, H, S->eps);
                 QUANT_ROW(h, b, H);
             }
+            PHASE(5)
             product_phase(&ly->gate_up, tid, nth, B, xq, xd, xs, gu);
+            PHASE(6)
             for (int b = tid; b < B; b += nth) {
                 if (ly->n_lora) {
                     apply_lora(ly, 4, b, h, H, H, gu, 2 * F, 0, F);
@@ -653,7 +739,9 @@ int nm_decode(const nm_shape *S, const nm_layer *L, int B, const int *pos, const
                 }
                 QUANT_ROW(act, b, F);
             }
+            PHASE(7)
             product_phase(&ly->down, tid, nth, B, xq, xd, xs, o);
+            PHASE(8)
             for (int b = tid; b < B; b += nth) { /* no barrier after: the next layer starts on the same rows */
                 if (ly->n_lora) apply_lora(ly, 6, b, act, F, F, o, H, 0, H);
                 for (int i = 0; i < H; i++) x[(size_t)b * H + i] += o[(size_t)b * H + i];

@@ -284,7 +284,8 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, quant: str
     """
     from nomoat.runtime.cpu import apply_threads
 
-    cpu = plan_for(threads=threads, native=quant != "none" and not for_training)
+    # Inference on quantized weights runs the native kernels, and an int8 training base their int8 rounding.
+    cpu = plan_for(threads=threads, native=(quant != "none" and not for_training) or dtype == "int8")
     apply_threads(cpu.threads)
     dtype = dtype or cpu.float_dtype
     w8a8 = dtype == "int8"
