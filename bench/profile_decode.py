@@ -44,7 +44,7 @@ def main() -> None:
     print(f"threads {a.threads}; fused step: {'on' if fused else 'off'}")
 
     def prefilled() -> tuple[KVCache, torch.Tensor]:
-        cache = KVCache(m.config, 1, 512 + a.steps + 1)
+        cache = KVCache(m.config, 1, 512 + a.steps + 1, dtype=m.kv_dtype)  # as generate keeps it
         logits = m(ids, cache=cache, last_only=True)
         return cache, logits[:, -1].argmax(-1, keepdim=True)
 
@@ -77,7 +77,7 @@ def main() -> None:
         kernels.library().nm_profile_read(buf)  # the decoding steps' (prompts do not run the fused step)
         print(f"  phases of the fused step ({kernels.status()}):")
         for name, v in zip(PHASES, buf):
-            print(f"    {name:<28} {v * ms * 1e3:6.2f} ms  {100 * v / sum(buf):5.1f} %")
+            print(f"    {name:<28} {v * ms:6.2f} ms  {100 * v / sum(buf):5.1f} %")
 
     m.fast_decode = None
     with torch.inference_mode():

@@ -19,6 +19,16 @@
 #include <string.h>
 
 #define QK 32
+/* Weight bytes to prefetch ahead of the product: decoding streams every weight from memory once per token, and
+ * the hardware prefetcher alone keeps too few lines in flight for a single thread. */
+#ifndef NM_PREFETCH
+#define NM_PREFETCH 1024
+#endif
+#if NM_PREFETCH
+#define PREFETCH(p, ahead) _mm_prefetch((const char *)(p) + (ahead), _MM_HINT_T0)
+#else
+#define PREFETCH(p, ahead)
+#endif
 #define MAXM 8 /* activation rows per pass over the weights */
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
@@ -117,8 +127,11 @@ static inline void q4_row_avx512(const uint8_t *wn, const uint16_t *dn, const ui
             sc[r] = _mm512_mul_ps(dv, _mm512_maskz_loadu_ps(km, xd + (size_t)r * G + c));
             acc[r] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(km, xs + (size_t)r * G + c), acc[r]);
         }
+        PREFETCH(dn + c, NM_PREFETCH / 8);
+        PREFETCH(mn + c, NM_PREFETCH / 8);
         int p = 0;
         for (; p + 4 <= ng; p += 4) {
+            PREFETCH(wn + (size_t)(c + p) * 16, NM_PREFETCH);
             __m512i v = _mm512_loadu_si512((const void *)(wn + (size_t)(c + p) * 16));
             __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
             __m512i idx = _mm512_add_epi32(quad, _mm512_set1_epi32(p));
@@ -199,6 +212,8 @@ static void q4_rows(const q4mat *W, int i0, int i1, int mr, const int8_t *xq, co
                 xdv[r] = load8f(xd + (size_t)r * G + c, ng), xsv[r] = load8f(xs + (size_t)r * G + c, ng);            \
             }                                                                                                        \
             for (int t = 0; t < TILE; t++) {                                                                         \
+                PREFETCH(W->d + (size_t)(i + t) * G + c, NM_PREFETCH / 8);                                           \
+                PREFETCH(W->m + (size_t)(i + t) * G + c, NM_PREFETCH / 8);                                           \
                 __m256 dv = load8h(W->d + (size_t)(i + t) * G + c, ng);                                              \
                 __m256 mv = load8h(W->m + (size_t)(i + t) * G + c, ng);                                              \
                 for (int r = 0; r < MR; r++) {                                                                       \
@@ -210,8 +225,9 @@ static void q4_rows(const q4mat *W, int i0, int i1, int mr, const int8_t *xq, co
                 __m256i idx = _mm256_add_epi32(pair, _mm256_set1_epi32(p));                                          \
                 __m256i wlo[TILE], whi[TILE];                                                                        \
                 for (int t = 0; t < TILE; t++) {                                                                     \
-                    __m256i v = _mm256_loadu_si256(                                                                  \
-                        (const __m256i *)(W->nib + (size_t)(i + t) * (k / 2) + (size_t)(c + p) * 16));               \
+                    const uint8_t *wp = W->nib + (size_t)(i + t) * (k / 2) + (size_t)(c + p) * 16;                   \
+                    if (!((c + p) & 3)) PREFETCH(wp, NM_PREFETCH);                                                   \
+                    __m256i v = _mm256_loadu_si256((const __m256i *)wp);                                             \
                     wlo[t] = _mm256_and_si256(v, low), whi[t] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);      \
                 }                                                                                                    \
                 for (int r = 0; r < MR; r++) {                                                                       \
@@ -540,7 +556,111 @@ static inline float v_sum(vf a) {
 }
 static inline void v_store(float *p, vf a) { _mm256_storeu_ps(p, a); }
 #endif
+#ifdef NM_AVX512
+static inline vf v_max(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline vf v_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf v_add(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf v_sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline vf v_div1(vf a) { return _mm512_div_ps(_mm512_set1_ps(1.f), a); }
+static inline vf v_nabs(vf a) { return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a), _mm512_set1_epi32((int)0x80000000u))); }
+static inline vf v_pos_select(vf g, vf a, vf b) { return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_GT_OQ), b, a); }
+static inline float v_hmax(vf a) { return _mm512_reduce_max_ps(a); }
+static inline vf v_floor(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+static inline vf v_pow2i(vf n) { /* 2^n for integral n in [-127, 127] */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+#else
+static inline vf v_max(vf a, vf b) { return _mm256_max_ps(a, b); }
+static inline vf v_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf v_add(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf v_sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+static inline vf v_div1(vf a) { return _mm256_div_ps(_mm256_set1_ps(1.f), a); }
+static inline vf v_nabs(vf a) { return _mm256_or_ps(a, _mm256_set1_ps(-0.f)); }
+static inline vf v_pos_select(vf g, vf a, vf b) { return _mm256_blendv_ps(b, a, _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_GT_OQ)); }
+static inline float v_hmax(vf a) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+static inline vf v_floor(vf a) { return _mm256_floor_ps(a); }
+static inline vf v_pow2i(vf n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+#endif
+
+/* exp_neg on a vector (the same polynomial): the scalar one does not vectorize (its bit cast). */
+static inline vf v_exp_neg(vf x) {
+    x = v_max(x, v_set(-87.f));
+    vf n = v_floor(v_fma(x, v_set(1.44269504f), v_set(0.5f)));
+    vf r = v_fma(n, v_set(-0.693359375f), x);
+    r = v_fma(n, v_set(2.12194440e-4f), r);
+    vf p = v_fma(v_set(1.9875691500e-4f), r, v_set(1.3981999507e-3f));
+    p = v_fma(p, r, v_set(8.3334519073e-3f));
+    p = v_fma(p, r, v_set(4.1665795894e-2f));
+    p = v_fma(p, r, v_set(1.6666665459e-1f));
+    p = v_fma(p, r, v_set(5.0000001201e-1f));
+    p = v_fma(p, v_mul(r, r), v_add(r, v_set(1.f)));
+    return v_mul(p, v_pow2i(n));
+}
+
+/* SiLU(g) * u, with e^-|g| so nothing overflows (as the scalar loop it replaces). */
+static inline vf v_silu_mul(vf g, vf u) {
+    vf e = v_exp_neg(v_nabs(g));
+    vf sig = v_mul(v_pos_select(g, v_set(1.f), e), v_div1(v_add(v_set(1.f), e)));
+    return v_mul(v_mul(g, sig), u);
+}
+
+/* Softmax of one row of scores in place; returns 1 / the sum of its exponentials (applied later). */
+static float softmax_row(float *sr, int len) {
+    int t = 0;
+    vf mv = v_set(-INFINITY);
+    for (; t + VW <= len; t += VW) mv = v_max(mv, v_f(sr + t));
+    float mx = v_hmax(mv);
+    for (; t < len; t++) mx = sr[t] > mx ? sr[t] : mx;
+    vf sv = v_set(0.f), m = v_set(mx);
+    for (t = 0; t + VW <= len; t += VW) {
+        vf e = v_exp_neg(v_sub(v_f(sr + t), m));
+        v_store(sr + t, e);
+        sv = v_add(sv, e);
+    }
+    float sum = v_sum(sv);
+    for (; t < len; t++) {
+        float e = exp_neg(sr[t] - mx);
+        sr[t] = e;
+        sum += e;
+    }
+    return 1.f / sum;
+}
+
 #define MAX_HD_VECS 16 /* head_dim up to 16 vectors */
+
+/* out[r] += sum_t scores[r][t] * V[t] for head dim 64 and an fp16 cache, with the sums in registers: up to 3 heads
+ * at a time over a part of the head dim (16 registers with AVX2), each V row converted once per part. The
+ * general loop below keeps them in memory (a load and a store per vector per position). */
+#define V64_PART (VW == 8 ? 4 : 64 / VW) /* vectors of the head dim per pass */
+static void attend_v64(const float *scores, int len, int rep, const void *vc, float *out) {
+    for (int r0 = 0; r0 < rep; r0 += 3) {
+        const int nr = rep - r0 < 3 ? rep - r0 : 3;
+        const float *s0 = scores + (size_t)r0 * len, *s1 = nr > 1 ? s0 + len : s0, *s2 = nr > 2 ? s0 + 2 * len : s0;
+        for (int v0 = 0; v0 < 64 / VW; v0 += V64_PART) {
+            vf a0[V64_PART], a1[V64_PART], a2[V64_PART];
+            for (int j = 0; j < V64_PART; j++) a0[j] = a1[j] = a2[j] = v_set(0.f);
+            for (int t = 0; t < len; t++) {
+                const uint16_t *vt = (const uint16_t *)vc + (size_t)t * 64 + v0 * VW;
+                const vf p0 = v_set(s0[t]), p1 = v_set(s1[t]), p2 = v_set(s2[t]);
+                for (int j = 0; j < V64_PART; j++) {
+                    vf x = v_h(vt + j * VW);
+                    a0[j] = v_fma(p0, x, a0[j]), a1[j] = v_fma(p1, x, a1[j]), a2[j] = v_fma(p2, x, a2[j]);
+                }
+            }
+            for (int j = 0; j < V64_PART; j++) {
+                v_store(out + (size_t)r0 * 64 + (v0 + j) * VW, a0[j]);
+                if (nr > 1) v_store(out + (size_t)(r0 + 1) * 64 + (v0 + j) * VW, a1[j]);
+                if (nr > 2) v_store(out + (size_t)(r0 + 2) * 64 + (v0 + j) * VW, a2[j]);
+            }
+        }
+    }
+}
 
 /* The `rep` query heads sharing one KV head attend over its positions 0..len-1: each K and V row is read
  * (and converted) once for all of them. q, out: rep x hd; scores: rep x len scratch. `half`: fp16 cache. */
@@ -561,23 +681,19 @@ static void attend_group(const float *q, int rep, const void *kc, const void *vc
     }
     float inv[64];
     for (int r = 0; r < rep; r++) {
-        float *sr = scores + (size_t)r * len, mx = -INFINITY, sum = 0.f;
-        for (int t = 0; t < len; t++) mx = sr[t] > mx ? sr[t] : mx;
-#pragma omp simd reduction(+ : sum)
-        for (int t = 0; t < len; t++) {
-            float e = exp_neg(sr[t] - mx);
-            sr[t] = e;
-            sum += e;
-        }
-        inv[r] = 1.f / sum;
+        inv[r] = softmax_row(scores + (size_t)r * len, len);
         for (int j = 0; j < hd; j++) out[r * hd + j] = 0.f;
     }
-    for (int t = 0; t < len; t++) {
-        const char *vt = (const char *)vc + (size_t)t * row;
-        for (int v = 0; v < nv; v++) kv[v] = half ? v_h(vt + v * VW * 2) : v_f(vt + v * VW * 4);
-        for (int r = 0; r < rep; r++) {
-            vf p = v_set(scores[(size_t)r * len + t]);
-            for (int v = 0; v < nv; v++) v_store(out + r * hd + v * VW, v_fma(p, kv[v], v_f(out + r * hd + v * VW)));
+    if (hd == 64 && half) {
+        attend_v64(scores, len, rep, vc, out);
+    } else {
+        for (int t = 0; t < len; t++) {
+            const char *vt = (const char *)vc + (size_t)t * row;
+            for (int v = 0; v < nv; v++) kv[v] = half ? v_h(vt + v * VW * 2) : v_f(vt + v * VW * 4);
+            for (int r = 0; r < rep; r++) {
+                vf p = v_set(scores[(size_t)r * len + t]);
+                for (int v = 0; v < nv; v++) v_store(out + r * hd + v * VW, v_fma(p, kv[v], v_f(out + r * hd + v * VW)));
+            }
         }
     }
     for (int r = 0; r < rep; r++)
@@ -730,8 +846,9 @@ int nm_decode(const nm_shape *S, const nm_layer *L, int B, const int *pos, const
                 }
                 const float *gb = gu + (size_t)b * 2 * F;
                 float *hb = act + (size_t)b * F; /* not h: the next layer's norms write h before all rows are done */
-#pragma omp simd
-                for (int i = 0; i < F; i++) {
+                int i = 0;
+                for (; i + VW <= F; i += VW) v_store(hb + i, v_silu_mul(v_f(gb + i), v_f(gb + F + i)));
+                for (; i < F; i++) {
                     float g = gb[i];
                     float e = exp_neg(g > 0.f ? -g : g); /* silu without overflow: e^-|g| */
                     float sig = g > 0.f ? 1.f / (1.f + e) : e / (1.f + e);
