@@ -160,17 +160,16 @@ static inline void q4_row_avx512(const uint8_t *wn, const uint16_t *dn, const ui
 
 #ifndef NM_AVX512
 /* Up to 8 floats / fp16 values as a vector, zeros past n. */
+/* The first n of 8 values, the rest zero, with masked loads (no read past n: a row's last group of blocks is often
+ * partial, e.g. 18 blocks for k = 576, and a copy through the stack made that group cost more than the rest). */
 static inline __m256 load8f(const float *p, int n) {
     if (n == 8) return _mm256_loadu_ps(p);
-    float a[8] = {0};
-    for (int j = 0; j < n; j++) a[j] = p[j];
-    return _mm256_loadu_ps(a);
+    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
 }
-static inline __m256 load8h(const uint16_t *p, int n) {
+static inline __m256 load8h(const uint16_t *p, int n) { /* n is even: k is a multiple of 64 */
     if (n == 8) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-    uint16_t a[8] = {0};
-    for (int j = 0; j < n; j++) a[j] = p[j];
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)a));
+    __m128i units = _mm_cmpgt_epi32(_mm_set1_epi32(n / 2), _mm_setr_epi32(0, 1, 2, 3));
+    return _mm256_cvtph_ps(_mm_maskload_epi32((const int *)p, units));
 }
 #endif
 
@@ -226,7 +225,7 @@ static void q4_rows(const q4mat *W, int i0, int i1, int mr, const int8_t *xq, co
                 __m256i wlo[TILE], whi[TILE];                                                                        \
                 for (int t = 0; t < TILE; t++) {                                                                     \
                     const uint8_t *wp = W->nib + (size_t)(i + t) * (k / 2) + (size_t)(c + p) * 16;                   \
-                    if (!((c + p) & 3)) PREFETCH(wp, NM_PREFETCH);                                                   \
+                    if (!((c + p) & 3)) PREFETCH(wp, (size_t)TILE * (k / 2)); /* the next tile's same spot */        \
                     __m256i v = _mm256_loadu_si256((const __m256i *)wp);                                             \
                     wlo[t] = _mm256_and_si256(v, low), whi[t] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);      \
                 }                                                                                                    \
