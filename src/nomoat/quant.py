@@ -150,7 +150,8 @@ def _column_chunks(n_rows: int, n_cols: int, align: int) -> list[tuple[int, int]
 
 
 class _QuantMatmul(torch.autograd.Function):
-    """y = x @ W.T through a quantized layer's kernel; backward gives grad_x only (W is frozen)."""
+    """y = x @ W.T through a quantized layer's kernel (`_matmul`); backward gives grad_x only (`_grad_input`: W is
+    frozen). Used by the weight-only layers and `W8A8Linear`."""
 
     @staticmethod
     def forward(ctx, x: Tensor, layer: _QuantLinear) -> Tensor:  # type: ignore[override]
@@ -443,21 +444,6 @@ def int8_weight_max() -> int:
     return 0
 
 
-class _W8A8Matmul(torch.autograd.Function):
-    """y = x @ W.T with x quantized to int8 per row; backward: grad_x = grad_y @ W, grad_y quantized per row."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, layer: W8A8Linear) -> Tensor:  # type: ignore[override]
-        ctx.layer = layer
-        return layer._product(x)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None]:  # type: ignore[override]
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        return ctx.layer._grad_input(grad_out), None
-
-
 class W8A8Linear(nn.Module):
     """A frozen linear in int8 (symmetric per output row) whose products run in int8: the input is rounded to
     int8 per row (per token) on the fly and multiplied by `torch._int_mm`; in backward the output gradient,
@@ -502,7 +488,7 @@ class W8A8Linear(nn.Module):
     def dequantize(self) -> Tensor:
         return self.qweight.float() * self.scales[:, None]
 
-    def _product(self, x: Tensor) -> Tensor:  # (M, in) float32 -> (M, out) float32
+    def _matmul(self, x: Tensor) -> Tensor:  # (M, in) float32 -> (M, out) float32
         if kernels.library() is not None and x.stride(1) == 1:  # the same codes and sums, fewer passes
             q, s = kernels.int8_rows(x, 127)
             return kernels.int8_rescale(torch._int_mm(q, self.qweight.t()), s, self.scales)
@@ -524,7 +510,7 @@ class W8A8Linear(nn.Module):
                               f"got {x.dtype} {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float()
-        y = _W8A8Matmul.apply(x2, self) if torch.is_grad_enabled() and x2.requires_grad else self._product(x2)
+        y = _QuantMatmul.apply(x2, self) if torch.is_grad_enabled() and x2.requires_grad else self._matmul(x2)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*lead, self.out_features)
