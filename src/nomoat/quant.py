@@ -417,11 +417,6 @@ def _int8_rows(x: Tensor, qmax: int = 127) -> tuple[Tensor, Tensor]:
     return (x / s).round_().to(torch.int8), s
 
 
-def int8_gemm_available() -> bool:
-    """Whether torch multiplies int8 matrices exactly here (`torch._int_mm`: oneDNN's int8 GEMM)."""
-    return int8_weight_max() > 0
-
-
 @functools.cache
 def int8_weight_max() -> int:
     """The largest weight code `torch._int_mm` multiplies exactly here: 127 with VNNI; 63 where the GEMM
@@ -444,7 +439,7 @@ def int8_weight_max() -> int:
     return 0
 
 
-class W8A8Linear(nn.Module):
+class W8A8Linear(_QuantLinear):
     """A frozen linear in int8 (symmetric per output row) whose products run in int8: the input is rounded to
     int8 per row (per token) on the fly and multiplied by `torch._int_mm`; in backward the output gradient,
     scaled by the weight's row scales, is rounded per row the same way and multiplied by the same codes.
@@ -481,8 +476,7 @@ class W8A8Linear(nn.Module):
             raise NomoatError("W8A8Linear: torch has no exact int8 GEMM on this machine (use --dtype float32)")
         q, s = _int8_rows(weight.detach().float(), qmax)
         layer.qweight, layer.scales, layer.qmax = q, s.view(-1), qmax
-        if bias is not None:
-            layer.bias = bias.detach().float().clone()
+        layer._set_bias(bias)
         return layer
 
     def dequantize(self) -> Tensor:
@@ -505,18 +499,12 @@ class W8A8Linear(nn.Module):
         return torch.mul(torch._int_mm(q, self.qweight), s)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not x.is_floating_point() or x.shape[-1] != self.in_features:
-            raise NomoatError(f"W8A8Linear: expected a float input with last dim {self.in_features}, "
-                              f"got {x.dtype} {tuple(x.shape)}")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).float()
+        x2 = self._rows(x).float()
         y = _QuantMatmul.apply(x2, self) if torch.is_grad_enabled() and x2.requires_grad else self._matmul(x2)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*lead, self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 class _NativeLinear(_QuantLinear):

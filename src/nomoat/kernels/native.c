@@ -159,7 +159,6 @@ static inline void q4_row_avx512(const uint8_t *wn, const uint16_t *dn, const ui
 #endif
 
 #ifndef NM_AVX512
-/* Up to 8 floats / fp16 values as a vector, zeros past n. */
 /* The first n of 8 values, the rest zero, with masked loads (no read past n: a row's last group of blocks is often
  * partial, e.g. 18 blocks for k = 576, and a copy through the stack made that group cost more than the rest). */
 static inline __m256 load8f(const float *p, int n) {
@@ -633,7 +632,7 @@ static float softmax_row(float *sr, int len) {
 
 #define MAX_HD_VECS 16 /* head_dim up to 16 vectors */
 
-/* out[r] += sum_t scores[r][t] * V[t] for head dim 64 and an fp16 cache, with the sums in registers: up to 3 heads
+/* out[r] = sum_t scores[r][t] * V[t] for head dim 64 and an fp16 cache, with the sums in registers: up to 3 heads
  * at a time over a part of the head dim (16 registers with AVX2), each V row converted once per part. The
  * general loop below keeps them in memory (a load and a store per vector per position). */
 #define V64_PART (VW == 8 ? 4 : 64 / VW) /* vectors of the head dim per pass */
@@ -681,11 +680,11 @@ static void attend_group(const float *q, int rep, const void *kc, const void *vc
     float inv[64];
     for (int r = 0; r < rep; r++) {
         inv[r] = softmax_row(scores + (size_t)r * len, len);
-        for (int j = 0; j < hd; j++) out[r * hd + j] = 0.f;
     }
     if (hd == 64 && half) {
         attend_v64(scores, len, rep, vc, out);
     } else {
+        for (int j = 0; j < rep * hd; j++) out[j] = 0.f;
         for (int t = 0; t < len; t++) {
             const char *vt = (const char *)vc + (size_t)t * row;
             for (int v = 0; v < nv; v++) kv[v] = half ? v_h(vt + v * VW * 2) : v_f(vt + v * VW * 4);
